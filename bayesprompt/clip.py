@@ -1,0 +1,235 @@
+"""A frozen open_clip model as a likelihood: encode images once, encode prompt embeddings often.
+
+`load_clip` is the one entry point, in the manner of open_clip's factory: a model name (or an
+open_clip model-config JSON file) plus a `pretrained` tag or checkpoint file gives a ready,
+frozen `FrozenCLIP` on the chosen device and precision, or a `UserError` that says what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from open_clip.transformer import TextTransformer
+from torch import nn
+
+from bayesprompt.errors import UserError
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+#: Backbones whose weights the project provides itself: name -> function giving a local file.
+EMBEDDED_WEIGHTS: dict[str, Callable[[], Path]] = {}
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    """What the image tower expects: square size and normalisation."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+
+class FrozenCLIP(nn.Module):
+    """An open_clip CLIP with every weight frozen, exposing what prompt learning needs.
+
+    Text features are computed from token *embeddings* (so context vectors can be learned or
+    sampled) by the causal text transformer cut at the longest EOT position of the batch.
+    """
+
+    def __init__(self, model: nn.Module, identity: str, image_stats: ImageStats,
+                 tokenizer: Callable, precision: str = "fp32") -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.text = _causal_text_tower(model, identity)
+        self.identity = identity
+        self.image_stats = image_stats
+        self.tokenizer = tokenizer
+        self.precision = precision
+        self.embed_dim = int(self.text.ln_final.weight.shape[0])  # W, width of token embeddings
+        self.feature_dim = _feature_dim(self.text.text_projection, self.embed_dim)  # D
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.positional_embedding.device
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale), a scalar."""
+        return self.model.logit_scale.exp().float()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """fp16/bf16 autocast on CUDA; a no-op in fp32 or on the CPU."""
+        if self.precision == "fp32" or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=PRECISIONS[self.precision])
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids (N, context_length), on the model's device."""
+        return self.tokenizer(texts).to(self.device)
+
+    @torch.no_grad()
+    def token_embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(N, T) ids -> (N, T, W) frozen input embeddings."""
+        return self.text.token_embedding(token_ids).float()
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, D) unit-norm image features."""
+        with self.autocast():
+            features = self.model.encode_image(images.to(self.device))
+        return F.normalize(features.float(), dim=-1)
+
+    def encode_prompts(self, embeddings: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings (..., C, T, W) with EOT positions (C,) -> (..., C, D), unit norm.
+
+        Runs the causal transformer on the first T positions only; T is the longest EOT + 1 of
+        the prompts, so this equals `encode_text` on the full padded sequence.
+        """
+        *lead, n_prompts, length, width = embeddings.shape
+        x = embeddings.reshape(-1, length, width)
+        eot = eot_index.to(self.device).expand(*lead, n_prompts).reshape(-1)
+        text = self.text
+        with self.autocast():
+            x = x + text.positional_embedding[:length].to(x.dtype)
+            x = text.transformer(x, attn_mask=text.attn_mask[:length, :length])
+            x = text.ln_final(x)
+            x = x[torch.arange(x.shape[0], device=x.device), eot]
+            if isinstance(text.text_projection, nn.Linear):
+                x = text.text_projection(x)
+            elif text.text_projection is not None:
+                x = x @ text.text_projection
+        return F.normalize(x.float(), dim=-1).reshape(*lead, n_prompts, -1)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Hand-written prompts, N strings -> (N, D) unit-norm text features (no gradient)."""
+        ids = self.tokenize(texts)
+        eot = ids.argmax(dim=-1)
+        length = int(eot.max()) + 1
+        with torch.no_grad():
+            embeddings = self.token_embeddings(ids[:, :length])
+            return self.encode_prompts(embeddings, eot)
+
+
+def _causal_text_tower(model: nn.Module, identity: str) -> nn.Module:
+    """The module holding open_clip's causal text transformer, or a UserError naming the model."""
+    tower = model if isinstance(model, CLIP) else getattr(model, "text", None)
+    if not isinstance(tower, CLIP | TextTransformer):
+        raise UserError(
+            f"The text tower of '{identity}' is {type(tower).__name__}, not open_clip's causal "
+            "TextTransformer. Prompt learning here splices context vectors into the token "
+            "embeddings of a causal, EOT-pooled text transformer (OpenAI-style CLIP towers); "
+            "Hugging Face text towers are not supported. Choose a CLIP model such as ViT-B-16."
+        )
+    pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
+    causal = getattr(tower, "attn_mask", None) is not None
+    if pool_type != "argmax" or not causal or getattr(tower, "cls_emb", None) is not None:
+        raise UserError(
+            f"The text tower of '{identity}' pools with '{pool_type}' and is "
+            f"{'causal' if causal else 'not causal'}: bayesprompt needs a causal text "
+            "transformer pooled at the EOT token ('argmax'), as in OpenAI CLIP. SigLIP-style "
+            "towers ('last' pooling, no causal mask) and CoCa towers cannot be cut at the EOT."
+        )
+    return tower
+
+
+def _feature_dim(projection: nn.Module | torch.Tensor | None, width: int) -> int:
+    """D, the width of the joint image-text space."""
+    if isinstance(projection, nn.Linear):
+        return projection.out_features
+    return width if projection is None else int(projection.shape[-1])
+
+
+def _model_name(backbone: str) -> str:
+    """Register a model-config JSON file with open_clip and return its name; else `backbone`."""
+    if backbone.endswith(".json"):
+        path = Path(backbone)
+        if not path.is_file():
+            raise UserError(
+                f"No open_clip model config at '{path}'. Pass an existing JSON file with "
+                "'embed_dim', 'vision_cfg' and 'text_cfg' (see open_clip/model_configs/)."
+            )
+        open_clip.add_model_config(path)
+        return path.stem
+    if backbone not in open_clip.list_models():
+        known = ", ".join(m for m in open_clip.list_models() if m.startswith(("ViT-B", "RN50")))
+        raise UserError(
+            f"Unknown backbone '{backbone}'. Give an open_clip model name (e.g. {known}, ...) "
+            "or the path of an open_clip model-config JSON file."
+        )
+    return backbone
+
+
+def _check_pretrained(name: str, pretrained: str) -> None:
+    """Fail early, with a clear message, for a tag that is neither known nor a file."""
+    if os.path.isfile(pretrained) or open_clip.get_pretrained_cfg(name, pretrained):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    raise UserError(
+        f"'{pretrained}' is neither a file nor a pretrained tag of {name}. Known tags: "
+        f"{', '.join(tags) or 'none'}. To use a local checkpoint, pass its path."
+    )
+
+
+def load_clip(backbone: str, pretrained: str | None = None, device: str = "cpu",
+              precision: str = "fp32", cache_dir: str | None = None) -> FrozenCLIP:
+    """Build a frozen CLIP from an open_clip name or model-config JSON, and weights.
+
+    `pretrained` is an open_clip tag (e.g. 'openai'), a local checkpoint file, or None: the
+    project's own weights for an embedded backbone (MiniCLIP), random init otherwise.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"Unknown precision '{precision}'; choose one of {list(PRECISIONS)}.")
+    name = _model_name(backbone)
+    if pretrained is None and name in EMBEDDED_WEIGHTS:
+        pretrained = str(EMBEDDED_WEIGHTS[name]())
+    if pretrained:
+        _check_pretrained(name, pretrained)
+    else:
+        logging.warning("%s has random weights: zero-shot accuracy will be at chance.", name)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
+    except (RuntimeError, OSError, ValueError) as error:
+        if pretrained and not os.path.isfile(pretrained):
+            raise UserError(
+                f"Could not obtain the '{pretrained}' weights of {name} ({error}). This "
+                "machine may be offline: download the checkpoint where you have network "
+                "(open_clip downloads it into ~/.cache/huggingface), copy the file here "
+                f"and pass --pretrained /path/to/checkpoint.bin."
+            ) from None
+        raise UserError(f"Could not load {name} weights from '{pretrained}': {error}") from None
+    stats = _image_stats(preprocess)
+    return FrozenCLIP(model, f"{name}:{_weights_identity(pretrained)}", stats,
+                      open_clip.get_tokenizer(name), precision)
+
+
+def _weights_identity(pretrained: str | None) -> str:
+    """A string that changes when the weights change: tag, or path with size and mtime."""
+    if not pretrained:
+        return "random-init"
+    if os.path.isfile(pretrained):
+        stat = os.stat(pretrained)
+        return f"{os.path.abspath(pretrained)}@{stat.st_size}:{int(stat.st_mtime)}"
+    return pretrained
+
+
+def _image_stats(preprocess: Callable) -> ImageStats:
+    """Size, mean, std and interpolation from open_clip's validation transform."""
+    steps = list(getattr(preprocess, "transforms", [preprocess]))
+    size = next(step.size for step in steps if type(step).__name__ == "CenterCrop")
+    normalize = next(step for step in steps if type(step).__name__ == "Normalize")
+    resize = next((step for step in steps if type(step).__name__ == "Resize"), None)
+    interpolation = resize.interpolation.value if resize is not None else "bicubic"
+    size = size[0] if isinstance(size, list | tuple) else size
+    return ImageStats(int(size), tuple(normalize.mean), tuple(normalize.std), interpolation)
+

@@ -1,0 +1,92 @@
+"""Frozen image features, computed once per (image, augmentation view) and cached on disk.
+
+View 0 is the test transform (resize, centre crop). Views 1..K are the reference's training
+augmentation (random resized crop with scale (0.08, 1), horizontal flip), each drawn from its
+own seed so a view is the same image every time. The cache key covers the backbone and its
+weights, the transform, the dataset and the exact list of images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from bayesprompt.clip import FrozenCLIP
+from bayesprompt.data.datasets import Item
+from bayesprompt.errors import UserError
+
+
+def image_transform(clip: FrozenCLIP, augment: bool) -> v2.Compose:
+    """PIL image -> normalised (3, S, S) tensor; with `augment`, the training augmentation."""
+    stats = clip.image_stats
+    interpolation = v2.InterpolationMode(stats.interpolation)
+    if augment:
+        geometry = [v2.RandomResizedCrop(stats.size, scale=(0.08, 1.0),
+                                         interpolation=interpolation),
+                    v2.RandomHorizontalFlip()]
+    else:
+        geometry = [v2.Resize(stats.size, interpolation=interpolation),
+                    v2.CenterCrop(stats.size)]
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(stats.mean, stats.std)])
+
+
+def load_image(path: Path) -> Image.Image:
+    """An RGB image, or a UserError naming the file that could not be read."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise UserError(
+            f"Cannot read the image {path} ({error}). Replace or remove the file, or remove "
+            "it from the split file, then run again."
+        ) from None
+
+
+def cache_key(clip: FrozenCLIP, items: list[Item], view: int, seed: int) -> str:
+    """A hash of everything the features depend on."""
+    description = {
+        "clip": clip.identity, "transform": repr(image_transform(clip, augment=view > 0)),
+        "view": view, "seed": seed,
+        "images": hashlib.sha1("\n".join(str(i.path) for i in items).encode()).hexdigest(),
+    }
+    return hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def encode_items(clip: FrozenCLIP, items: list[Item], view: int, seed: int,
+                 batch_size: int = 64) -> torch.Tensor:
+    """Image features (N, D) of `items` under view `view` (0: test transform)."""
+    transform = image_transform(clip, augment=view > 0)
+    chunks = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + view)
+        for start in tqdm(range(0, len(items), batch_size), desc=f"image features, view {view}",
+                          unit="batch", leave=False):
+            batch = [transform(load_image(i.path)) for i in items[start:start + batch_size]]
+            chunks.append(clip.encode_images(torch.stack(batch)).cpu())
+    return torch.cat(chunks)
+
+
+def cached_features(clip: FrozenCLIP, items: list[Item], views: list[int], cache_dir: Path,
+                    seed: int = 0) -> torch.Tensor:
+    """Features (V, N, D) for the given views, read from `cache_dir` or computed and stored."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    result = []
+    for view in views:
+        path = cache_dir / f"{cache_key(clip, items, view, seed)}.pt"
+        if path.is_file():
+            result.append(torch.load(path, map_location="cpu"))
+            continue
+        features = encode_items(clip, items, view, seed)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(features, tmp)
+        os.replace(tmp, path)
+        result.append(features)
+    return torch.stack(result)

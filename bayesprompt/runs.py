@@ -1,0 +1,230 @@
+"""One training run, from options to a run folder, and back from a run folder to a model.
+
+A run folder holds `config.json` (every resolved option), `checkpoint.pt` (param store,
+optimiser and RNG state, written atomically after every epoch) and `results.json`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import pyro
+import torch
+
+from bayesprompt.clip import FrozenCLIP, load_clip
+from bayesprompt.data.datasets import Dataset, load_dataset
+from bayesprompt.data.features import cached_features
+from bayesprompt.data.splits import few_shot, subsample_classes
+from bayesprompt.errors import UserError
+from bayesprompt.infer import TrainConfig, load_checkpoint, predictive_probs, train
+from bayesprompt.prompt_model import PromptConfig, PromptModel
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+#: (num_particles L, epochs) of the reference run scripts of Bayesian Prompt Learning.
+DATASET_DEFAULTS: dict[str, tuple[int, int]] = {
+    "caltech101": (20, 20), "oxford_pets": (40, 20), "stanford_cars": (20, 40),
+    "oxford_flowers": (10, 40), "food101": (20, 20), "fgvc_aircraft": (10, 10),
+    "sun397": (20, 10), "dtd": (40, 10), "eurosat": (20, 60), "ucf101": (5, 20),
+    "imagenet": (10, 10),
+}
+FALLBACK_DEFAULTS = (10, 10)
+
+
+@dataclass
+class RunConfig:
+    """Every option of a run; None means 'the dataset's or model's default'."""
+
+    dataset: str = "eurosat"
+    root: str = "~/.cache/bayesprompt/data"
+    model: str = "vpt_cond"
+    backbone: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    shots: int = 16
+    seed: int = 1
+    subsample: str = "base"
+    epochs: int | None = None
+    num_particles: int | None = None
+    batch_size: int = 1
+    objective: str = "elbo"
+    lr: float = 0.002
+    views: int = 8
+    n_ctx: int = 4
+    ctx_init: str = "a photo of a"
+    kl_weight: float = 1.0
+    prior_scale: float = 1.0
+    options: dict = field(default_factory=dict)
+    device: str = "cpu"
+    precision: str = "fp32"
+    eval_batch_size: int = 64
+    cache_dir: str = "~/.cache/bayesprompt"
+    out: str | None = None
+
+    def resolved(self) -> RunConfig:
+        """A copy with dataset defaults filled in and the run folder named."""
+        particles, epochs = DATASET_DEFAULTS.get(self.dataset, FALLBACK_DEFAULTS)
+        config = RunConfig(**asdict(self))
+        config.num_particles = self.num_particles or particles
+        config.epochs = epochs if self.epochs is None else self.epochs
+        dataset_name = Path(self.dataset).name
+        model_name = Path(self.model).stem
+        config.out = self.out or str(Path("runs") / dataset_name / model_name /
+                                     f"{self.subsample}_shots{self.shots}_seed{self.seed}")
+        return config
+
+
+def load_model_class(name: str) -> type[PromptModel]:
+    """`models/<name>.py`, or any model file by path; its module attribute `Model`."""
+    path = Path(name)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise UserError(f"Model file not found: {path}.")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    elif (MODELS_DIR / f"{name}.py").is_file():
+        module = importlib.import_module(f"models.{name}")
+    else:
+        raise UserError(
+            f"Unknown model '{name}'. Known models: {', '.join(known_models())}; or pass the "
+            "path of a model file (a .py defining `Model`, a PromptModel subclass)."
+        )
+    model_class = getattr(module, "Model", None)
+    if not (isinstance(model_class, type) and issubclass(model_class, PromptModel)):
+        raise UserError(f"The model file of '{name}' defines no `Model` (a PromptModel class).")
+    return model_class
+
+
+def known_models() -> list[str]:
+    return sorted(p.stem for p in MODELS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def build_program(config: RunConfig, clip: FrozenCLIP, classnames: list[str],
+                  template: str) -> PromptModel:
+    prompt_config = PromptConfig(config.n_ctx, config.ctx_init, config.kl_weight,
+                                 config.prior_scale, template, dict(config.options))
+    return load_model_class(config.model)(clip, classnames, prompt_config).to(clip.device)
+
+
+def split_datasets(config: RunConfig) -> tuple[Dataset, Dataset | None]:
+    """The training classes' dataset (few-shot) and the held-out new classes, if any."""
+    root = Path(config.root).expanduser()
+    dataset = few_shot(load_dataset(config.dataset, root), config.shots, config.seed,
+                       Path(config.cache_dir).expanduser() / "split_fewshot")
+    if config.subsample == "all":
+        return dataset, None
+    return subsample_classes(dataset, "base"), subsample_classes(dataset, "new")
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percent of images whose posterior-predictive mean (S, N, C) argmax is the label (N,)."""
+    return 100.0 * (probs.mean(0).argmax(-1) == labels).float().mean().item()
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+def evaluate(program: PromptModel, clip: FrozenCLIP, dataset: Dataset, config: RunConfig
+             ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Accuracy (percent), predictive probabilities (S, N, C) and labels on the test split."""
+    program.set_classes(dataset.classnames)
+    cache = Path(config.cache_dir).expanduser() / "features"
+    features = cached_features(clip, dataset.test, [0], cache)[0].to(clip.device)
+    labels = torch.tensor([item.label for item in dataset.test])
+    probs = predictive_probs(program, features, config.num_particles,
+                             config.eval_batch_size).cpu()
+    return accuracy(probs, labels), probs, labels
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
+    """Train on the base (or all) classes, evaluate base and new; write the run folder."""
+    config = config.resolved()
+    out = Path(config.out)
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.exists() and not resume:
+        raise UserError(
+            f"{out} already holds a run. Pass --resume to continue it, or another --out."
+        )
+    if resume and checkpoint.exists():
+        saved = json.loads((out / "config.json").read_text())
+        if saved != asdict(config):
+            changed = sorted(k for k in saved if saved[k] != asdict(config).get(k))
+            raise UserError(f"--resume with other options than the run in {out}: {changed}.")
+    base, new = split_datasets(config)
+    clip = load_clip(config.backbone, config.pretrained, config.device, config.precision)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(asdict(config), out / "config.json")
+
+    pyro.set_rng_seed(config.seed)
+    program = build_program(config, clip, base.classnames, base.template)
+    cache = Path(config.cache_dir).expanduser() / "features"
+    views = list(range(1, config.views + 1)) if config.views > 0 else [0]
+    features = cached_features(clip, base.train, views, cache, config.seed).to(clip.device)
+    labels = torch.tensor([item.label for item in base.train], device=clip.device)
+    train_config = TrainConfig(config.epochs, config.batch_size, config.num_particles,
+                               config.objective, config.lr, seed=config.seed)
+    started = time.perf_counter()
+    history = train(program, features, labels, train_config, checkpoint,
+                    run_identity(config, clip, base.classnames), resume)
+    train_seconds = time.perf_counter() - started
+
+    base_acc, _, _ = evaluate(program, clip, base, config)
+    new_acc = evaluate(program, clip, new, config)[0] if new is not None else None
+    results = {
+        "base_acc": base_acc, "new_acc": new_acc,
+        "hm": harmonic_mean(base_acc, new_acc) if new_acc is not None else None,
+        "dataset": config.dataset, "model": config.model, "shots": config.shots,
+        "seed": config.seed, "epochs": config.epochs, "num_particles": config.num_particles,
+        "train_images": len(base.train), "train_seconds": round(train_seconds, 2),
+        "loss_history": history,
+    }
+    write_json_atomic(results, out / "results.json")
+    return results
+
+
+def run_identity(config: RunConfig, clip: FrozenCLIP, classnames: list[str]) -> dict:
+    """What a checkpoint must match to be resumed or loaded into this run."""
+    return {"model": config.model, "backbone": clip.identity, "classnames": classnames,
+            "n_ctx": config.n_ctx}
+
+
+def load_run(run_dir: Path, device: str | None = None
+             ) -> tuple[RunConfig, PromptModel, FrozenCLIP, Dataset, Dataset | None]:
+    """Rebuild a trained run: its config, program (parameters restored), CLIP and datasets."""
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{run_dir} is not a run folder: no config.json there.")
+    saved = json.loads(config_file.read_text())
+    config = RunConfig(**{f.name: saved[f.name] for f in fields(RunConfig) if f.name in saved})
+    if device:
+        config.device = device
+    base, new = split_datasets(config)
+    clip = load_clip(config.backbone, config.pretrained, config.device, config.precision)
+    pyro.clear_param_store()
+    program = build_program(config, clip, base.classnames, base.template)
+    checkpoint = run_dir / "checkpoint.pt"
+    if checkpoint.exists():
+        load_checkpoint(checkpoint, run_identity(config, clip, base.classnames))
+    return config, program, clip, base, new
+
+
+def summary_line(results: dict) -> str:
+    """The last line a run prints."""
+    def percent(value: float | None) -> str:
+        return "n/a" if value is None or math.isnan(value) else f"{value:.2f}%"
+    return (f"base {percent(results['base_acc'])}  new {percent(results['new_acc'])}  "
+            f"harmonic mean {percent(results['hm'])}")

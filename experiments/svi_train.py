@@ -1,0 +1,76 @@
+"""Train a prompt model by SVI on the base classes and evaluate base and new classes.
+
+    python experiments/svi_train.py --dataset eurosat --root ~/data --model vpt_cond
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from bayesprompt.cli import add_common_arguments, parse_options, run_main
+from bayesprompt.data.datasets import known_datasets
+from bayesprompt.data.splits import SUBSAMPLES
+from bayesprompt.infer import OBJECTIVES
+from bayesprompt.runs import RunConfig, known_models, summary_line, train_and_evaluate
+
+DEFAULTS = RunConfig()
+
+
+def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=DEFAULTS.dataset,
+                        help=f"one of {', '.join(known_datasets())}, or a dataset folder")
+    parser.add_argument("--root", default=DEFAULTS.root, help="folder holding the datasets")
+    parser.add_argument("--model", default=DEFAULTS.model,
+                        help=f"one of {', '.join(known_models())}, or a model file path")
+    parser.add_argument("--backbone", default=DEFAULTS.backbone,
+                        help="open_clip model name or model-config JSON file")
+    parser.add_argument("--pretrained", default=DEFAULTS.pretrained,
+                        help="open_clip pretrained tag or checkpoint file ('' for random init)")
+    parser.add_argument("--shots", type=int, default=DEFAULTS.shots,
+                        help="images per class (0: all)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--subsample", default=DEFAULTS.subsample, choices=SUBSAMPLES[:2],
+                        help="train on the base half of the classes, or on all")
+    parser.add_argument("--epochs", type=int, help="default: the dataset's reference value")
+    parser.add_argument("--num-particles", type=int,
+                        help="Monte Carlo samples L (default: the dataset's reference value)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    parser.add_argument("--objective", default=DEFAULTS.objective, choices=OBJECTIVES)
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    parser.add_argument("--views", type=int, default=DEFAULTS.views,
+                        help="cached augmented views per training image (0: no augmentation)")
+    parser.add_argument("--n-ctx", type=int, default=DEFAULTS.n_ctx)
+    parser.add_argument("--ctx-init", default=DEFAULTS.ctx_init,
+                        help="words that initialise the context ('' for N(0, 0.02))")
+    parser.add_argument("--kl-weight", type=float, default=DEFAULTS.kl_weight)
+    parser.add_argument("--prior-scale", type=float, default=DEFAULTS.prior_scale)
+    parser.add_argument("--set", dest="options", action="append", default=[],
+                        metavar="KEY=VALUE", help="a model file's own option (repeatable)")
+    parser.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size)
+    parser.add_argument("--cache-dir", default=DEFAULTS.cache_dir,
+                        help="feature and few-shot cache")
+    parser.add_argument("--out", help="run folder (default: runs/DATASET/MODEL/...)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint")
+    add_common_arguments(parser)
+    args = vars(parser.parse_args(argv))
+    resume = args.pop("resume")
+    args["options"] = parse_options(args["options"])
+    args["pretrained"] = args["pretrained"] or None
+    if args["precision"] is None:
+        args["precision"] = "bf16" if args["device"].startswith("cuda") else "fp32"
+    known = {f.name for f in fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in args.items() if k in known}), resume
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, resume = parse_args(argv)
+    results = train_and_evaluate(config, resume=resume)
+    print(summary_line(results))
+
+
+if __name__ == "__main__":
+    run_main(main)

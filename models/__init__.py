@@ -1,0 +1,1 @@
+"""One file per method: its prior, likelihood and guide. `--model NAME` picks `models/NAME.py`."""

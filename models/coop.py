@@ -1,0 +1,35 @@
+"""CoOp (Zhou et al., 2022): learned context as a point estimate (MAP with a Delta guide).
+
+ctx ~ N(0, prior_scale^2 I)                 (n_ctx, W)
+y_i ~ Categorical(softmax(tau * f_i . g_c(ctx)))   for each image i
+guide: ctx = ctx_map, a point (Delta), initialised from the words of `ctx_init`.
+"""
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+
+from bayesprompt.priors import isotropic_normal
+from bayesprompt.prompt_model import PromptModel
+
+
+class CoOp(PromptModel):
+    stochastic = False
+    latent_sites = ("ctx",)
+
+    def model(self, image_features, labels=None, dataset_size=None):
+        prior = isotropic_normal(torch.zeros_like(self.init_ctx), self.config.prior_scale, 2)
+        with poutine.scale(scale=self.config.kl_weight):
+            ctx = pyro.sample("ctx", prior)                               # (n_ctx, W)
+        logits = self.class_logits(image_features, self.text_features(ctx))  # (B, C)
+        with self.images(image_features, dataset_size):
+            pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
+
+    def guide(self, image_features, labels=None, dataset_size=None):
+        ctx_map = pyro.param("ctx_map", self.init_ctx.clone())
+        with poutine.scale(scale=self.config.kl_weight):
+            pyro.sample("ctx", dist.Delta(ctx_map, event_dim=2))
+
+
+Model = CoOp

@@ -1,0 +1,41 @@
+"""Bayesian Prompt Learning, unconditional ("coopvpt"; Derakhshani et al., 2023).
+
+One residual r shifts every context token; its posterior is a global diagonal Gaussian.
+ctx    : learned base context, a parameter                   (n_ctx, W)
+r      ~ N(0, I)                                             (W,)
+y_i    ~ Categorical(softmax(tau * f_i . g_c(ctx + r)))
+guide  : r ~ N(r_loc, exp(r_log_var)), r_loc = 0 and r_log_var ~ U(0, 1) at start (as the
+         reference implementation).
+"""
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+
+from bayesprompt.guides import diagonal_normal
+from bayesprompt.priors import standard_normal
+from bayesprompt.prompt_model import PromptModel
+
+
+class VPT(PromptModel):
+    latent_sites = ("r",)
+
+    def model(self, image_features, labels=None, dataset_size=None):
+        ctx = pyro.param("ctx", self.init_ctx.clone())                  # (n_ctx, W)
+        with poutine.scale(scale=self.config.kl_weight):
+            r = pyro.sample("r", standard_normal((self.ctx_dim,), ctx.device))  # (..., W)
+        text = self.text_features(ctx + r.unsqueeze(-2))                 # (..., C, D)
+        logits = self.class_logits(image_features, text)                 # (..., B, C)
+        with self.images(image_features, dataset_size):
+            pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
+
+    def guide(self, image_features, labels=None, dataset_size=None):
+        device = self.init_ctx.device
+        r_loc = pyro.param("r_loc", torch.zeros(self.ctx_dim, device=device))
+        r_log_var = pyro.param("r_log_var", torch.rand(self.ctx_dim, device=device))
+        with poutine.scale(scale=self.config.kl_weight):
+            pyro.sample("r", diagonal_normal(r_loc, r_log_var, 1))
+
+
+Model = VPT

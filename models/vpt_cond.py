@@ -1,0 +1,45 @@
+"""Bayesian Prompt Learning, conditional ("cocoopvpt"; Derakhshani et al., 2023).
+
+Each image has its own residual r_i; the guide is amortized on the image feature.
+ctx    : learned base context, a parameter                   (n_ctx, W)
+r_i    ~ N(0, I)                                             (W,) per image, in the data plate
+y_i    ~ Categorical(softmax(tau * f_i . g_c(ctx + r_i)))
+guide  : r_i ~ N(mean(f_i), exp(log_var(f_i))), each head Linear(D, D/2), ELU,
+         Linear(D/2, D/2), ELU, Linear(D/2, W).
+"""
+
+import pyro
+import pyro.distributions as dist
+from pyro import poutine
+
+from bayesprompt.guides import AmortizedGaussian
+from bayesprompt.priors import standard_normal
+from bayesprompt.prompt_model import PromptModel
+
+
+class ConditionalVPT(PromptModel):
+    latent_sites = ("r",)
+
+    def __init__(self, clip, classnames, config):
+        super().__init__(clip, classnames, config)
+        self.posterior_net = AmortizedGaussian(clip.feature_dim, self.ctx_dim)
+
+    def model(self, image_features, labels=None, dataset_size=None):
+        ctx = pyro.param("ctx", self.init_ctx.clone())                  # (n_ctx, W)
+        with self.images(image_features, dataset_size):
+            with poutine.scale(scale=self.config.kl_weight):
+                r = pyro.sample("r", standard_normal((self.ctx_dim,), ctx.device))  # (..., B, W)
+            text = self.text_features(ctx + r.unsqueeze(-2))             # (..., B, C, D)
+            logits = self.class_logits(image_features, text)             # (..., B, C)
+            pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
+
+    def guide(self, image_features, labels=None, dataset_size=None):
+        posterior_net = pyro.module("posterior_net", self.posterior_net,
+                                    update_module_params=True)
+        r_loc, r_scale = posterior_net(image_features)                  # (B, W) each
+        with self.images(image_features, dataset_size):
+            with poutine.scale(scale=self.config.kl_weight):
+                pyro.sample("r", dist.Normal(r_loc, r_scale).to_event(1))
+
+
+Model = ConditionalVPT

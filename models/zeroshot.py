@@ -1,0 +1,31 @@
+"""Zero-shot CLIP (Radford et al., 2021): the dataset's hand-crafted template, no training.
+
+y_i ~ Categorical(softmax(tau * f_i . t_c)),  t_c = text feature of template.format(class c)
+No latent variables and no parameters; the guide is empty.
+"""
+
+import pyro
+import pyro.distributions as dist
+
+from bayesprompt.prompt_model import PromptModel
+from bayesprompt.prompts import prompt_classname
+
+
+class ZeroShot(PromptModel):
+    stochastic = False
+
+    def set_classes(self, classnames):
+        super().set_classes(classnames)
+        texts = [self.config.template.format(prompt_classname(c)) for c in classnames]
+        self.template_features = self.clip.encode_texts(texts)         # (C, D)
+
+    def model(self, image_features, labels=None, dataset_size=None):
+        logits = self.class_logits(image_features, self.template_features)  # (B, C)
+        with self.images(image_features, dataset_size):
+            pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
+
+    def guide(self, image_features, labels=None, dataset_size=None):
+        pass
+
+
+Model = ZeroShot
