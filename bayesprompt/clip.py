@@ -208,6 +208,7 @@ def load_clip(backbone: str, pretrained: str | None = None, device: str = "cpu",
                 f"and pass --pretrained /path/to/checkpoint.bin."
             ) from None
         raise UserError(f"Could not load {name} weights from '{pretrained}': {error}") from None
+    _causal_text_tower(model, name)  # before the tokenizer, which may need other packages
     stats = _image_stats(preprocess)
     return FrozenCLIP(model, f"{name}:{_weights_identity(pretrained)}", stats,
                       open_clip.get_tokenizer(name), precision)

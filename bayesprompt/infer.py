@@ -97,12 +97,11 @@ def paper_objective(program: PromptModel, num_particles: int) -> Objective:
 
 
 def make_objective(program: PromptModel, config: TrainConfig) -> Objective:
+    if config.objective not in OBJECTIVES:
+        raise UserError(f"Unknown objective '{config.objective}'; choose one of {OBJECTIVES}.")
     particles = config.num_particles if program.stochastic else 1
-    if config.objective == "elbo":
-        return elbo_objective(program, particles)
-    if config.objective == "paper":
-        return paper_objective(program, particles)
-    raise UserError(f"Unknown objective '{config.objective}'; choose one of {OBJECTIVES}.")
+    build = elbo_objective if config.objective == "elbo" else paper_objective
+    return build(program, particles)
 
 
 def learning_rate(epoch: int, config: TrainConfig) -> float:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bayesprompt.data.datasets import EUROSAT_NAMES
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip imports huggingface_hub
+
+from bayesprompt.data.datasets import EUROSAT_NAMES  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 TINY_BACKBONE = str(TESTS / "tiny_clip.json")
@@ -48,3 +51,9 @@ def run_args(eurosat_root: Path, tmp_path: Path) -> list[str]:
             "--pretrained", "", "--shots", "4", "--epochs", "2", "--num-particles", "3",
             "--batch-size", "4", "--views", "2", "--cache-dir", str(tmp_path / "cache"),
             "--out", str(tmp_path / "run"), "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    from bayesprompt.clip import load_clip
+    return load_clip(TINY_BACKBONE)

@@ -1,0 +1,96 @@
+"""Objectives and checkpoints: the paper objective, batching, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from test_models import CLASSES, separable_features
+
+import bayesprompt.infer as infer
+from bayesprompt.errors import UserError
+from bayesprompt.infer import TrainConfig, paper_objective, train
+from bayesprompt.prompt_model import PromptConfig
+from bayesprompt.runs import load_model_class
+
+
+def test_paper_objective_equals_direct_computation(tiny_clip) -> None:
+    pyro.clear_param_store()
+    program = load_model_class("vpt_cond")(tiny_clip, CLASSES, PromptConfig())
+    features, labels = separable_features(tiny_clip, per_class=2)
+    features = features[0]
+    particles = 5
+    torch.manual_seed(3)
+    loss = paper_objective(program, particles)(features, labels, 100)
+    torch.manual_seed(3)
+    with pyro.plate("particles", particles, dim=-2):
+        guide_trace = poutine.trace(program.guide).get_trace(features, labels, 100)
+    fixed_r = guide_trace.nodes["r"]["value"]                         # (L, B, W)
+
+    loc, scale = program.posterior_net(features)                      # (B, W)
+    ctx = pyro.param("ctx")
+    text = tiny_clip.encode_prompts(program.prompts.splice(ctx + fixed_r.unsqueeze(-2)),
+                                    program.prompts.eot_index)        # (L, B, C, D)
+    logits = tiny_clip.logit_scale * torch.einsum("lbcd,bd->lbc", text, features)
+    log_lik = torch.log_softmax(logits, -1).gather(-1, labels.expand(particles, -1)[..., None])
+    per_image = -(torch.logsumexp(log_lik[..., 0], 0) - math.log(particles))
+    kl = 0.5 * (scale**2 + loc**2 - 1 - torch.log(scale**2))          # N(loc, scale) || N(0, 1)
+    expected = per_image.mean() + 1e-3 * kl.mean(-1).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_batched_elbo_is_the_mean_of_single_image_objectives(tiny_clip) -> None:
+    pyro.clear_param_store()
+    program = load_model_class("coop")(tiny_clip, CLASSES, PromptConfig())
+    features, labels = separable_features(tiny_clip, per_class=2)
+    objective = infer.make_objective(program, TrainConfig(num_particles=1))
+    batched = objective(features[0], labels, 50)
+    singles = [objective(features[0, i:i + 1], labels[i:i + 1], 50) for i in range(len(labels))]
+    # the per-image objective is (prior term)/N + mean NLL: single-image calls agree on average
+    torch.testing.assert_close(batched, torch.stack(singles).mean())
+
+
+def test_unknown_objective() -> None:
+    with pytest.raises(UserError, match="Unknown objective 'mle'"):
+        infer.make_objective(None, TrainConfig(objective="mle"))
+
+
+def test_resume_gives_the_same_parameters(tiny_clip, tmp_path, monkeypatch) -> None:
+    features, labels = separable_features(tiny_clip)
+    features = torch.cat([features, features + 0.01])                # two views
+    config = TrainConfig(epochs=4, batch_size=5, num_particles=3, lr=0.1, seed=7)
+    identity = {"model": "vpt_cond", "classnames": CLASSES}
+
+    def fresh_program():
+        torch.manual_seed(0)
+        return load_model_class("vpt_cond")(tiny_clip, CLASSES, PromptConfig())
+
+    uninterrupted = train(fresh_program(), features, labels, config, tmp_path / "a.pt", identity)
+    expected = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+
+    save = infer.save_atomic
+    calls = []
+
+    def save_then_crash(state, path):
+        save(state, path)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(infer, "save_atomic", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_program(), features, labels, config, tmp_path / "b.pt", identity)
+    assert torch.load(tmp_path / "b.pt", weights_only=False)["epoch"] == 2
+    monkeypatch.setattr(infer, "save_atomic", save)
+    resumed = train(fresh_program(), features, labels, config, tmp_path / "b.pt", identity,
+                    resume=True)
+    assert resumed == pytest.approx(uninterrupted)
+    for name, value in pyro.get_param_store().named_parameters():
+        torch.testing.assert_close(value, expected[name])
+
+    with pytest.raises(UserError, match="belongs to another run.*classnames"):
+        train(fresh_program(), features, labels, config, tmp_path / "b.pt",
+              {"model": "vpt_cond", "classnames": ["a", "b", "c", "d"]}, resume=True)
