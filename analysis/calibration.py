@@ -108,7 +108,7 @@ def calibration_report(
     Args:
         probs: (S, N, C) class probabilities per posterior sample.
         labels: (N,) true labels.
-        split: optional (N,) split names; each distinct value gets its own entry.
+        split: optional (N,) split names; each distinct value gets its own entry (sorted).
         n_bins: number of ECE bins.
 
     Returns:
@@ -119,7 +119,7 @@ def calibration_report(
     groups = {"all": np.ones(len(labels), dtype=bool)}
     if split is not None:
         split = np.asarray(split, dtype=str)
-        groups.update({name: split == name for name in dict.fromkeys(split)})
+        groups.update({name: split == name for name in sorted(set(split))})
     report = {}
     for name, mask in groups.items():
         p, y = mean_probs[mask], labels[mask]

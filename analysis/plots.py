@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
 
 from analysis._arrays import to_numpy
 from analysis.inference_data import ARVIZ_1
@@ -68,10 +69,11 @@ def plot_reliability_diagram(
         top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
         top.set(xlim=(0, 1), ylim=(0, 1), title=f"{name}  (ECE {report[name]['ece']:.3f})")
         bottom.bar(centres, bins.count, width, edgecolor="black", color="lightgrey")
-        bottom.set(xlabel="confidence", yscale="log" if bins.count.max() > 100 else "linear")
+        bottom.set(xlabel="confidence", yscale="log")
+        bottom.yaxis.set_minor_formatter(NullFormatter())  # no crowded labels within a decade
         if col == 0:
             top.set_ylabel("accuracy")
-            bottom.set_ylabel("images")
+            bottom.set_ylabel("images (log)")
             top.legend(loc="upper left", fontsize=8)
     _save(fig, path)
 
@@ -173,23 +175,21 @@ def plot_feature_projection(
     def subset(x: np.ndarray) -> np.ndarray:
         return x[rng.permutation(len(x))[:max_points]]
 
-    kinds = {
-        "prompt samples": ("o", 6, 0.25),
-        "templates": ("x", 30, 0.9),
+    kinds = {  # marker, size, alpha; drawn in this order
+        "prompt samples": ("o", 10, 0.35),
         "images": ("^", 16, 0.6),
+        "templates": ("x", 30, 0.9),
     }
-    points = {
-        (c, kind): x
-        for c in classes
-        for kind, x in zip(
-            kinds,
-            (subset(samples[:, c]), templates[:, c], subset(images[labels == c])),
-            strict=True,
-        )
+    per_kind = {
+        "prompt samples": lambda c: subset(samples[:, c]),
+        "images": lambda c: subset(images[labels == c]),
+        "templates": lambda c: templates[:, c],
     }
+    points = {(c, kind): per_kind[kind](c) for kind in kinds for c in classes}
     stacked = np.concatenate(list(points.values()))
     mean = stacked.mean(axis=0)
     _, singular, vt = np.linalg.svd(stacked - mean, full_matrices=False)
+    vt *= np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])[:, None]  # fix PC signs
     explained = singular[:2] ** 2 / (singular**2).sum()
 
     fig = _figure(figsize=(6.4, 5.0))
@@ -245,6 +245,15 @@ def _latent_coords(idata: Any, var_name: str, max_dims: int, image: int) -> dict
     return coords
 
 
+def _selection_title(var_name: str, coords: Mapping[str, list]) -> str:
+    """E.g. ``r  (image = 0, ctx_dim = 0..3)``."""
+    parts = [
+        f"{dim} = {values[0]}" if len(values) == 1 else f"{dim} = {values[0]}..{values[-1]}"
+        for dim, values in coords.items()
+    ]
+    return f"{var_name}  ({', '.join(parts)})"
+
+
 def _save_arviz_1(plot: Any, path: str | os.PathLike) -> None:
     """Save an ArviZ 1.x PlotCollection (matplotlib backend) and close its pyplot figure.
 
@@ -275,9 +284,16 @@ def plot_latent_posterior(
         _save_arviz_1(plot, path)
         return
     n_panels = int(np.prod([len(v) for v in coords.values()]))
-    fig = _figure(figsize=(3.2 * n_panels, 2.8), layout="constrained")
+    fig = _figure(figsize=(3.2 * n_panels, 3.6), layout="constrained")
     axes = fig.subplots(1, n_panels, squeeze=False)[0]
     az.plot_posterior(idata, var_names=[var_name], coords=coords, ax=axes, textsize=9)
+    for ax in axes:  # ArviZ writes "mean=..." at 0.8 of the height, across the density peak
+        top = ax.get_ylim()[1]
+        ax.set_ylim(top=1.25 * top)
+        for text in ax.texts:
+            if text.get_text().startswith("mean="):
+                text.set_y(1.12 * top)
+    fig.suptitle(_selection_title(var_name, coords))
     _save(fig, path)
 
 
@@ -297,4 +313,5 @@ def plot_latent_forest(
     fig = _figure(figsize=(5.0, 0.45 * n_rows + 1.2), layout="constrained")
     ax = fig.subplots()
     az.plot_forest(idata, var_names=[var_name], coords=coords, combined=True, ax=ax, textsize=9)
+    fig.suptitle(_selection_title(var_name, coords))
     _save(fig, path)
