@@ -49,8 +49,8 @@ def _default_event_dims(name: str, shape: tuple[int, ...], n_images: int) -> tup
 def _container(groups: dict[str, xr.Dataset]) -> Any:
     """Wrap named datasets in the InferenceData container of the installed ArviZ version.
 
-    The ArviZ 1.x branch (``xarray.DataTree``) follows the ArviZ 1.x documentation and is not
-    exercised by the tests here, which run ArviZ 0.23.
+    The test suite runs ArviZ 0.23; the ArviZ 1.x branch (``xarray.DataTree``) was checked by
+    hand with ArviZ 1.3.0 on Python 3.12 (build, netCDF round trip, ``az.summary``, plots).
     """
     if ARVIZ_1:
         return xr.DataTree.from_dict(groups)
