@@ -64,8 +64,11 @@ def template_distances(text_features: Any, template_features: Any) -> np.ndarray
     """
     x = _per_class_samples(text_features)
     t = to_numpy(template_features)
-    diff = x[:, None] - t[None]  # (S, K, C, D)
-    return np.linalg.norm(diff, axis=-1).mean(axis=0).T
+    # |x - t|^2 = |x|^2 + |t|^2 - 2 x.t, without materialising the (S, K, C, D) differences
+    squared = (
+        (x**2).sum(-1)[:, None] + (t**2).sum(-1)[None] - 2 * np.einsum("scd,kcd->skc", x, t)
+    )  # (S, K, C)
+    return np.sqrt(np.maximum(squared, 0.0)).mean(axis=0).T
 
 
 def credible_region_mask(

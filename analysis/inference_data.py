@@ -97,19 +97,24 @@ def to_inference_data(
     if len(classnames) != n_classes:
         raise ValueError(f"{len(classnames)} class names for {n_classes} classes")
 
-    coords: dict[str, Any] = {
-        "chain": [0],
-        "draw": np.arange(n_samples),
-        "image": np.arange(n_images),
-        "class": np.asarray(classnames, dtype=str),
+    coords = {  # coordinate name -> (dim, values)
+        "chain": ("chain", [0]),
+        "draw": ("draw", np.arange(n_samples)),
+        "image": ("image", np.arange(n_images)),
+        "class": ("class", np.asarray(classnames, dtype=str)),
     }
     if split is not None:
-        split_arr = np.asarray(split, dtype=str)
-        if split_arr.shape != (n_images,):
-            raise ValueError(f"split must have shape {(n_images,)}, got {split_arr.shape}")
-        coords["split"] = ("image", split_arr)
+        split = np.asarray(split, dtype=str)
+        if split.shape != (n_images,):
+            raise ValueError(f"split must have shape {(n_images,)}, got {split.shape}")
+        coords["split"] = ("image", split)
 
-    dims = dict(dims or {})
+    def dataset(variables: dict) -> xr.Dataset:
+        """Dataset of ``name -> (dims, values)`` with the coordinates of the dims it uses."""
+        ds = xr.Dataset(variables)
+        return ds.assign_coords({k: v for k, v in coords.items() if v[0] in ds.dims})
+
+    dims = dims or {}
     posterior = {}
     for name, value in latents.items():
         value = to_numpy(value)
@@ -117,10 +122,6 @@ def to_inference_data(
             raise ValueError(f"latent {name!r} has {value.shape[0]} samples, expected {n_samples}")
         event_dims = tuple(dims.get(name, _default_event_dims(name, value.shape, n_images)))
         posterior[name] = (SAMPLE_DIMS + event_dims, value[None])
-
-    def dataset(variables: dict) -> xr.Dataset:
-        ds = xr.Dataset(variables)
-        return ds.assign_coords({k: v for k, v in coords.items() if _coord_dim(k, v) in ds.dims})
 
     groups = {
         "posterior": dataset(posterior),
@@ -133,11 +134,6 @@ def to_inference_data(
         "observed_data": dataset({"y": (("image",), labels)}),
     }
     return _container(groups)
-
-
-def _coord_dim(name: str, value: Any) -> str:
-    """The dimension a coordinate lives on: its own name, or the dim of a ``(dim, values)`` pair."""
-    return value[0] if isinstance(value, tuple) else name
 
 
 def save_inference_data(idata: Any, path: str | os.PathLike) -> None:

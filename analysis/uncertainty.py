@@ -20,7 +20,7 @@ from analysis._arrays import to_numpy
 
 def _entropy(p: np.ndarray) -> np.ndarray:
     """Entropy over the last axis, with 0 log 0 = 0."""
-    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    return -np.sum(p * np.log(np.where(p > 0, p, 1.0)), axis=-1)
 
 
 def predictive_entropy(probs: Any) -> np.ndarray:

@@ -14,7 +14,12 @@ from analysis.calibration import (
     negative_log_likelihood,
     reliability_bins,
 )
-from analysis.coverage import credible_region_mask, prompt_spread, template_coverage
+from analysis.coverage import (
+    credible_region_mask,
+    prompt_spread,
+    template_coverage,
+    template_distances,
+)
 from analysis.inference_data import load_inference_data, save_inference_data, to_inference_data
 from analysis.templates import IMAGENET_TEMPLATES
 from analysis.uncertainty import (
@@ -155,6 +160,13 @@ def test_template_coverage_and_spread_shapes():
     assert template_coverage(samples, templates).tolist() == [0.5, 0.5, 0.5]
     spread = prompt_spread(samples)
     assert spread["total_variance"] == pytest.approx([16.0] * 3, rel=0.1)
+
+
+def test_template_distances_match_direct_computation():
+    rng = np.random.default_rng(5)
+    samples, templates = rng.normal(size=(7, 3, 5)), rng.normal(size=(4, 3, 5))
+    direct = np.linalg.norm(samples[:, None] - templates[None], axis=-1).mean(axis=0).T
+    np.testing.assert_allclose(template_distances(samples, templates), direct, rtol=1e-10)
 
 
 def test_imagenet_templates():
