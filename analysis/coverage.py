@@ -6,14 +6,16 @@ the latter are pooled to (S * N, C, D), so their spread includes variation acros
 
 Credible region (per class): fit a k-dimensional PCA on that class's samples, project samples
 and query points onto it, and take the Mahalanobis ellipsoid
-``{x : d_M^2(x) <= chi2_k.ppf(level)}`` with the projected sample mean and covariance. This is
-exact for Gaussian samples. Being a projection, the region is a cylinder in D dimensions:
-distance orthogonal to the top-k principal directions is ignored.
+``{x : d_M^2(x) <= chi2_k.ppf(level)}`` with the projected sample mean and covariance. For
+Gaussian samples a fresh draw falls inside with probability ``level`` (up to estimation error
+of order k / S). Being a projection, the region is a cylinder in D dimensions: distance
+orthogonal to the top-k principal directions is ignored.
 
 Covariance regularisation: the k x k covariance is shrunk towards a multiple of the identity,
 ``(1 - shrinkage) * Sigma + shrinkage * (trace(Sigma) / k) * I``, so near-collapsed posteriors
-(tiny trailing eigenvalues) do not blow up the distance; ``shrinkage=0`` gives the plain sample
-covariance.
+(a tiny second eigenvalue) do not blow up the distance; ``shrinkage=0`` gives the plain sample
+covariance. The default 0.01 changes the coverage of Gaussian samples by under 0.001 in the
+anisotropic case of the tests (axis scales 3 : 2).
 """
 
 from typing import Any
