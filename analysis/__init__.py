@@ -1,0 +1,26 @@
+"""Analysis of Bayesian prompt posteriors: calibration, uncertainty, prompt-space coverage, plots.
+
+Functions take plain arrays (numpy or torch): ``probs`` (S, N, C) per posterior sample,
+``labels`` (N,), optional ``split`` (N,) strings, latent samples (S, ...).
+"""
+
+from analysis.calibration import calibration_report
+from analysis.coverage import prompt_spread, template_coverage, template_distances
+from analysis.inference_data import load_inference_data, save_inference_data, to_inference_data
+from analysis.templates import IMAGENET_TEMPLATES
+from analysis.uncertainty import aurc, selective_risk, separation_auroc, uncertainty_decomposition
+
+__all__ = [
+    "IMAGENET_TEMPLATES",
+    "aurc",
+    "calibration_report",
+    "load_inference_data",
+    "prompt_spread",
+    "save_inference_data",
+    "selective_risk",
+    "separation_auroc",
+    "template_coverage",
+    "template_distances",
+    "to_inference_data",
+    "uncertainty_decomposition",
+]

@@ -1,0 +1,163 @@
+"""Package posterior samples and predictions as ArviZ ``InferenceData`` and store them as netCDF.
+
+Layout of the result (S posterior samples, N test images, C classes)::
+
+    posterior               one variable per latent site, dims (chain, draw, *event_dims)
+    posterior_predictive    y     (chain, draw, image)         sampled / predicted labels
+                            probs (chain, draw, image, class)  class probabilities per sample
+    observed_data           y     (image,)                     true labels
+
+There is a single chain (``chain = [0]``) and ``draw = 0..S-1``. Coordinates: ``image`` (0..N-1),
+``class`` (class names) and, when given, ``split`` as a non-index coordinate on the ``image`` dim.
+
+The groups are built as plain ``xarray.Dataset`` objects and then wrapped in ArviZ's container:
+``arviz.InferenceData`` for ArviZ < 1 and ``xarray.DataTree`` for ArviZ >= 1. We do not use
+``az.from_dict`` because it drops coordinates that are not dimensions (such as ``split``).
+"""
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import arviz as az
+import numpy as np
+import xarray as xr
+
+from analysis._arrays import to_numpy
+
+ARVIZ_1 = int(az.__version__.split(".")[0]) >= 1
+"""True for the DataTree-based ArviZ 1.x; the only place the two ArviZ APIs are told apart."""
+
+SAMPLE_DIMS = ("chain", "draw")
+
+
+def _default_event_dims(name: str, shape: tuple[int, ...], n_images: int) -> tuple[str, ...]:
+    """Name the event axes of a latent of shape (S, *event): ``{name}_dim_{i}``.
+
+    The first event axis is called ``image`` when the site has at least two event axes and the
+    first has length N (per-image latents such as residuals ``r`` of shape (S, N, W)).
+    Pass ``dims`` to :func:`to_inference_data` whenever this guess could be wrong.
+    """
+    event = shape[1:]
+    names = [f"{name}_dim_{i}" for i in range(len(event))]
+    if len(event) >= 2 and event[0] == n_images:
+        names[0] = "image"
+    return tuple(names)
+
+
+def _container(groups: dict[str, xr.Dataset]) -> Any:
+    """Wrap named datasets in the InferenceData container of the installed ArviZ version.
+
+    The test suite runs ArviZ 0.23; the ArviZ 1.x branch (``xarray.DataTree``) was checked by
+    hand with ArviZ 1.3.0 on Python 3.12 (build, netCDF round trip, ``az.summary``, plots).
+    """
+    if ARVIZ_1:
+        return xr.DataTree.from_dict(groups)
+    return az.InferenceData(**groups)
+
+
+def to_inference_data(
+    latents: Mapping[str, Any],
+    predicted_labels: Any,
+    probs: Any,
+    labels: Any,
+    classnames: Sequence[str],
+    split: Sequence[str] | None = None,
+    dims: Mapping[str, Sequence[str]] | None = None,
+) -> Any:
+    """Build ArviZ InferenceData from posterior samples and posterior-predictive outputs.
+
+    Args:
+        latents: site name -> samples of shape (S, *event), e.g. ``r`` (S, N, W) or (S, W),
+            ``ctx`` (S, n_ctx, W). Torch tensors or numpy arrays.
+        predicted_labels: (S, N) integer labels drawn from (or argmax of) each sample's
+            predictive distribution.
+        probs: (S, N, C) class probabilities per posterior sample.
+        labels: (N,) true integer labels.
+        classnames: C class names, used as the ``class`` coordinate.
+        split: optional (N,) strings (e.g. "base", "new"), stored as coordinate ``split``
+            on the ``image`` dim.
+        dims: optional site name -> names of its event dims (without chain/draw), overriding
+            the default naming (see :func:`_default_event_dims`).
+
+    Returns:
+        ``arviz.InferenceData`` (ArviZ < 1) or ``xarray.DataTree`` (ArviZ >= 1) with groups
+        ``posterior``, ``posterior_predictive`` and ``observed_data``.
+    """
+    probs = to_numpy(probs)
+    predicted = to_numpy(predicted_labels)
+    labels = to_numpy(labels)
+    n_samples, n_images, n_classes = probs.shape
+    if predicted.shape != (n_samples, n_images) or labels.shape != (n_images,):
+        raise ValueError(
+            f"expected predicted_labels {(n_samples, n_images)} and labels {(n_images,)}, "
+            f"got {predicted.shape} and {labels.shape}"
+        )
+    if len(classnames) != n_classes:
+        raise ValueError(f"{len(classnames)} class names for {n_classes} classes")
+
+    coords = {  # coordinate name -> (dim, values)
+        "chain": ("chain", [0]),
+        "draw": ("draw", np.arange(n_samples)),
+        "image": ("image", np.arange(n_images)),
+        "class": ("class", np.asarray(classnames, dtype=str)),
+    }
+    if split is not None:
+        split = np.asarray(split, dtype=str)
+        if split.shape != (n_images,):
+            raise ValueError(f"split must have shape {(n_images,)}, got {split.shape}")
+        coords["split"] = ("image", split)
+
+    def dataset(variables: dict) -> xr.Dataset:
+        """Dataset of ``name -> (dims, values)`` with the coordinates of the dims it uses."""
+        ds = xr.Dataset(variables)
+        return ds.assign_coords({k: v for k, v in coords.items() if v[0] in ds.dims})
+
+    dims = dims or {}
+    posterior = {}
+    for name, value in latents.items():
+        value = to_numpy(value)
+        if value.shape[0] != n_samples:
+            raise ValueError(f"latent {name!r} has {value.shape[0]} samples, expected {n_samples}")
+        event_dims = tuple(dims.get(name, _default_event_dims(name, value.shape, n_images)))
+        posterior[name] = (SAMPLE_DIMS + event_dims, value[None])
+
+    groups = {
+        "posterior": dataset(posterior),
+        "posterior_predictive": dataset(
+            {
+                "y": (SAMPLE_DIMS + ("image",), predicted[None]),
+                "probs": (SAMPLE_DIMS + ("image", "class"), probs[None]),
+            }
+        ),
+        "observed_data": dataset({"y": (("image",), labels)}),
+    }
+    return _container(groups)
+
+
+def save_inference_data(idata: Any, path: str | os.PathLike) -> None:
+    """Write ``idata`` to a netCDF file atomically (temporary file in the same folder, then
+    ``os.replace``), so a crash never leaves a half-written file at ``path``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".nc.tmp", dir=folder)
+    os.close(fd)
+    try:
+        idata.to_netcdf(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_inference_data(path: str | os.PathLike) -> Any:
+    """Read a file written by :func:`save_inference_data`, fully into memory (file closed)."""
+    path = os.fspath(path)
+    if ARVIZ_1:
+        with xr.open_datatree(path) as tree:
+            return tree.load()
+    with az.rc_context(rc={"data.load": "eager"}):
+        return az.from_netcdf(path)

@@ -1,0 +1,317 @@
+"""Matplotlib PNG figures for the analysis. Each function takes data and an output path.
+
+Figures are ``matplotlib.figure.Figure`` objects drawn on the Agg canvas, never registered with
+pyplot: nothing to close, and importing this module leaves the user's pyplot backend alone
+(e.g. inline plots in a notebook). ArviZ plots are drawn into axes we create.
+"""
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import arviz as az
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
+
+from analysis._arrays import to_numpy
+from analysis.inference_data import ARVIZ_1
+from analysis.uncertainty import aurc, selective_risk
+
+DPI = 150
+
+
+def _figure(**kwargs: Any) -> Figure:
+    """A pyplot-free figure on the Agg canvas."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> None:
+    """Save ``fig`` as PNG, creating the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+
+
+def plot_reliability_diagram(
+    report: Mapping[str, Mapping[str, Any]], path: str | os.PathLike
+) -> None:
+    """Reliability diagram per split: accuracy vs confidence bars, the diagonal, bin counts.
+
+    Args:
+        report: output of :func:`analysis.calibration.calibration_report` (or a subset of its
+            entries), split name -> metrics with ``reliability`` and ``ece``.
+        path: PNG file to write.
+    """
+    names = list(report)
+    fig = _figure(figsize=(3.6 * len(names), 4.6), layout="tight")
+    axes = fig.subplots(
+        2, len(names), squeeze=False, gridspec_kw={"height_ratios": [3, 1]}, sharex=True
+    )
+    for col, name in enumerate(names):
+        bins = report[name]["reliability"]
+        centres = (bins.edges[:-1] + bins.edges[1:]) / 2
+        width = np.diff(bins.edges)
+        top, bottom = axes[0, col], axes[1, col]
+        top.bar(
+            centres,
+            np.nan_to_num(bins.accuracy),
+            width,
+            edgecolor="black",
+            color="tab:blue",
+            label="accuracy",
+        )
+        top.plot(centres, bins.confidence, "o", ms=3, color="tab:red", label="mean confidence")
+        top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+        top.set(xlim=(0, 1), ylim=(0, 1), title=f"{name}  (ECE {report[name]['ece']:.3f})")
+        bottom.bar(centres, bins.count, width, edgecolor="black", color="lightgrey")
+        bottom.set(xlabel="confidence", yscale="log")
+        bottom.yaxis.set_minor_formatter(NullFormatter())  # no crowded labels within a decade
+        if col == 0:
+            top.set_ylabel("accuracy")
+            bottom.set_ylabel("images (log)")
+            top.legend(loc="upper left", fontsize=8)
+    _save(fig, path)
+
+
+def plot_uncertainty_histograms(
+    uncertainties: Mapping[str, Any],
+    split: Sequence[str],
+    path: str | os.PathLike,
+    groups: Sequence[str] = ("base", "new"),
+    bins: int = 30,
+) -> None:
+    """Histograms of each uncertainty measure, one panel per measure, groups overlaid.
+
+    Args:
+        uncertainties: measure name -> (N,) values in nats, e.g. ``{"entropy": ..., "MI": ...}``.
+        split: (N,) split name of each image.
+        path: PNG file to write.
+        groups: split names to compare.
+        bins: number of histogram bins, shared by the groups of a panel.
+    """
+    split = np.asarray(split, dtype=str)
+    fig = _figure(figsize=(4.2 * len(uncertainties), 3.2), layout="tight")
+    axes = fig.subplots(1, len(uncertainties), squeeze=False)[0]
+    for ax, (name, values) in zip(axes, uncertainties.items(), strict=True):
+        values = to_numpy(values)
+        edges = np.histogram_bin_edges(values[np.isin(split, groups)], bins=bins)
+        for group in groups:
+            v = values[split == group]
+            ax.hist(v, edges, density=True, alpha=0.5, label=f"{group} (n={len(v)})")
+        ax.set(xlabel=f"{name} (nats)", ylabel="density", title=name)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_selective_prediction(
+    correct: Any, uncertainties: Mapping[str, Any], path: str | os.PathLike
+) -> None:
+    """Accuracy vs coverage when rejecting the most uncertain images first, one curve per
+    uncertainty measure, plus the oracle that rejects errors first. Legend shows AURC.
+
+    Args:
+        correct: (N,) bool, whether each prediction is right.
+        uncertainties: measure name -> (N,) scores, larger = less certain.
+        path: PNG file to write.
+    """
+    correct = to_numpy(correct).astype(bool)
+    curves = dict(uncertainties)
+    curves["oracle"] = ~correct
+    fig = _figure(figsize=(4.8, 3.6), layout="tight")
+    ax = fig.subplots()
+    for name, uncertainty in curves.items():
+        coverage, risk = selective_risk(correct, uncertainty)
+        style = {"color": "black", "ls": ":"} if name == "oracle" else {}
+        label = f"{name} (AURC {aurc(correct, uncertainty):.3f})"
+        ax.plot(coverage, 1 - risk, label=label, **style)
+    ax.set(
+        xlabel="coverage (fraction of images kept)",
+        ylabel="accuracy on kept images",
+        xlim=(0, 1),
+        title="Selective prediction",
+    )
+    ax.legend(fontsize=8, loc="lower left")
+    _save(fig, path)
+
+
+def plot_feature_projection(
+    text_samples: Any,
+    template_features: Any,
+    image_features: Any,
+    labels: Any,
+    classnames: Sequence[str],
+    path: str | os.PathLike,
+    classes: Sequence[int] | None = None,
+    max_points: int = 300,
+    seed: int = 0,
+) -> None:
+    """2D PCA of sampled prompt text features, template text features and image features.
+
+    The PCA is fitted on all plotted points together. CLIP's image and text features occupy
+    different regions (the modality gap), which usually shows up along the first component.
+
+    Args:
+        text_samples: (S, C, D) or (S, N, C, D) sampled class text features.
+        template_features: (K, C, D) hand-crafted template features.
+        image_features: (N, D) image features.
+        labels: (N,) true labels of the images.
+        classnames: C class names.
+        path: PNG file to write.
+        classes: class indices to show (default: the first min(C, 5)).
+        max_points: at most this many sampled prompts and images per class (random subset).
+        seed: seed of that subset.
+    """
+    samples = to_numpy(text_samples)
+    samples = samples.reshape(-1, *samples.shape[-2:])  # (S', C, D)
+    templates, images, labels = map(to_numpy, (template_features, image_features, labels))
+    classes = list(range(min(len(classnames), 5))) if classes is None else list(classes)
+    rng = np.random.default_rng(seed)
+
+    def subset(x: np.ndarray) -> np.ndarray:
+        return x[rng.permutation(len(x))[:max_points]]
+
+    kinds = {  # marker, size, alpha; drawn in this order
+        "prompt samples": ("o", 10, 0.35),
+        "images": ("^", 16, 0.6),
+        "templates": ("x", 30, 0.9),
+    }
+    per_kind = {
+        "prompt samples": lambda c: subset(samples[:, c]),
+        "images": lambda c: subset(images[labels == c]),
+        "templates": lambda c: templates[:, c],
+    }
+    points = {(c, kind): per_kind[kind](c) for kind in kinds for c in classes}
+    stacked = np.concatenate(list(points.values()))
+    mean = stacked.mean(axis=0)
+    _, singular, vt = np.linalg.svd(stacked - mean, full_matrices=False)
+    vt *= np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])[:, None]  # fix PC signs
+    explained = singular[:2] ** 2 / (singular**2).sum()
+
+    fig = _figure(figsize=(6.4, 5.0))
+    ax = fig.subplots()
+    colours = matplotlib.colormaps["tab10"]
+    for (c, kind), x in points.items():
+        marker, size, alpha = kinds[kind]
+        xy = (x - mean) @ vt[:2].T
+        ax.scatter(
+            xy[:, 0],
+            xy[:, 1],
+            s=size,
+            marker=marker,
+            alpha=alpha,
+            color=colours(classes.index(c) % 10),
+            linewidths=1,
+        )
+    class_handles = [
+        Line2D([], [], ls="", marker="s", color=colours(i % 10), label=classnames[c])
+        for i, c in enumerate(classes)
+    ]
+    kind_handles = [
+        Line2D([], [], ls="", marker=m, color="grey", label=k) for k, (m, _, _) in kinds.items()
+    ]
+    legend = ax.legend(
+        handles=class_handles,
+        title="class",
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
+    ax.add_artist(legend)
+    ax.legend(
+        handles=kind_handles, title="kind", fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0.0)
+    )
+    ax.set(
+        xlabel=f"PC 1 ({explained[0]:.0%} of variance)",
+        ylabel=f"PC 2 ({explained[1]:.0%} of variance)",
+        title="Text and image features (PCA)",
+    )
+    _save(fig, path)
+
+
+def _latent_coords(idata: Any, var_name: str, max_dims: int, image: int) -> dict[str, list]:
+    """Selection of a few scalar components of ``var_name``: index ``image`` on the image dim,
+    index 0 on other leading dims, the first ``max_dims`` entries of the last dim."""
+    da = idata["posterior"][var_name]
+    event_dims = [d for d in da.dims if d not in ("chain", "draw")]
+    coords = {d: [image if d == "image" else 0] for d in event_dims[:-1]}
+    if event_dims:
+        last = event_dims[-1]
+        coords[last] = list(da[last].values[:max_dims])
+    return coords
+
+
+def _selection_title(var_name: str, coords: Mapping[str, list]) -> str:
+    """E.g. ``r  (image = 0, ctx_dim = 0..3)``."""
+    parts = [
+        f"{dim} = {values[0]}" if len(values) == 1 else f"{dim} = {values[0]}..{values[-1]}"
+        for dim, values in coords.items()
+    ]
+    return f"{var_name}  ({', '.join(parts)})"
+
+
+def _save_arviz_1(plot: Any, path: str | os.PathLike) -> None:
+    """Save an ArviZ 1.x PlotCollection (matplotlib backend) and close its pyplot figure.
+
+    Not covered by the test suite (ArviZ 0.23); checked by hand with ArviZ 1.3.0.
+    """
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    plot.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(plt.gcf())
+
+
+def plot_latent_posterior(
+    idata: Any, path: str | os.PathLike, var_name: str = "r", max_dims: int = 4, image: int = 0
+) -> None:
+    """ArviZ posterior densities (mean and 94% HDI) of a few components of a latent.
+
+    Args:
+        idata: output of :func:`analysis.inference_data.to_inference_data`.
+        path: PNG file to write.
+        var_name: latent site, e.g. ``r`` (per-image residuals) or ``ctx``.
+        max_dims: number of components of the last dim to show.
+        image: image index for per-image latents.
+    """
+    coords = _latent_coords(idata, var_name, max_dims, image)
+    if ARVIZ_1:
+        plot = az.plot_dist(idata, var_names=[var_name], coords=coords, backend="matplotlib")
+        _save_arviz_1(plot, path)
+        return
+    n_panels = int(np.prod([len(v) for v in coords.values()]))
+    fig = _figure(figsize=(3.2 * n_panels, 3.6), layout="constrained")
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    az.plot_posterior(idata, var_names=[var_name], coords=coords, ax=axes, textsize=9)
+    for ax in axes:  # ArviZ writes "mean=..." at 0.8 of the height, across the density peak
+        top = ax.get_ylim()[1]
+        ax.set_ylim(top=1.25 * top)
+        for text in ax.texts:
+            if text.get_text().startswith("mean="):
+                text.set_y(1.12 * top)
+    fig.suptitle(_selection_title(var_name, coords))
+    _save(fig, path)
+
+
+def plot_latent_forest(
+    idata: Any, path: str | os.PathLike, var_name: str = "r", max_dims: int = 8, image: int = 0
+) -> None:
+    """ArviZ forest plot (94% HDI, interquartile range and mean) of a few components of a latent.
+
+    Args: as :func:`plot_latent_posterior`.
+    """
+    coords = _latent_coords(idata, var_name, max_dims, image)
+    if ARVIZ_1:
+        plot = az.plot_forest(idata, var_names=[var_name], coords=coords, backend="matplotlib")
+        _save_arviz_1(plot, path)
+        return
+    n_rows = int(np.prod([len(v) for v in coords.values()]))
+    fig = _figure(figsize=(5.0, 0.45 * n_rows + 1.2), layout="constrained")
+    ax = fig.subplots()
+    az.plot_forest(idata, var_names=[var_name], coords=coords, combined=True, ax=ax, textsize=9)
+    fig.suptitle(_selection_title(var_name, coords))
+    _save(fig, path)
