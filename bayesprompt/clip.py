@@ -185,7 +185,8 @@ def load_clip(backbone: str, pretrained: str | None = None, device: str = "cpu",
     """Build a frozen CLIP from an open_clip name or model-config JSON, and weights.
 
     `pretrained` is an open_clip tag (e.g. 'openai'), a local checkpoint file, or None: the
-    project's own weights for an embedded backbone (MiniCLIP), random init otherwise.
+    project's own weights for an embedded backbone (MiniCLIP), otherwise a random init that is
+    seeded, so every process builds the same model.
     """
     if precision not in PRECISIONS:
         raise UserError(f"Unknown precision '{precision}'; choose one of {list(PRECISIONS)}.")
@@ -197,8 +198,10 @@ def load_clip(backbone: str, pretrained: str | None = None, device: str = "cpu",
     else:
         logging.warning("%s has random weights: zero-shot accuracy will be at chance.", name)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random init is the same in every process
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
     except (RuntimeError, OSError, ValueError) as error:
         if pretrained and not os.path.isfile(pretrained):
             raise UserError(

@@ -153,6 +153,7 @@ def write_json_atomic(obj: dict, path: Path) -> None:
 def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
     """Train on the base (or all) classes, evaluate base and new; write the run folder."""
     config = config.resolved()
+    load_model_class(config.model)  # an unknown model fails before anything is loaded
     out = Path(config.out)
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists() and not resume:

@@ -1,0 +1,128 @@
+"""experiments/svi_train.py end to end, and its answers to bad input."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_eurosat
+
+import bayesprompt.infer as infer
+from bayesprompt.cli import run_main
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "experiments" / "svi_train.py"
+svi_train = runpy.run_path(str(SCRIPT))
+
+
+def run_cli(args: list[str]) -> None:
+    run_main(svi_train["main"], args)
+
+
+@pytest.mark.parametrize("model", ["zeroshot", "coop", "cocoop", "vpt", "vpt_cond"])
+def test_every_model_runs_end_to_end(model: str, run_args: list[str], tmp_path: Path,
+                                     capsys) -> None:
+    run_cli([*run_args, "--model", model])
+    out = tmp_path / "run"
+    results = json.loads((out / "results.json").read_text())
+    for key in ("base_acc", "new_acc", "hm"):
+        assert 0.0 <= results[key] <= 100.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == model and config["epochs"] == 2 and config["num_particles"] == 3
+    assert (out / "checkpoint.pt").exists() == (model != "zeroshot")
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("base ") and "new " in last_line and "harmonic mean" in last_line
+
+
+def test_all_classes_has_no_new_split(run_args: list[str], tmp_path: Path) -> None:
+    run_cli([*run_args, "--model", "coop", "--subsample", "all"])
+    results = json.loads((tmp_path / "run/results.json").read_text())
+    assert results["new_acc"] is None and results["hm"] is None
+
+
+def test_resume_continues_to_the_same_result(run_args: list[str], tmp_path: Path,
+                                             monkeypatch) -> None:
+    args = [*run_args, "--model", "vpt", "--epochs", "3"]
+    run_cli([*args, "--out", str(tmp_path / "full")])
+    full = json.loads((tmp_path / "full/results.json").read_text())
+    with pytest.raises(SystemExit) as exit_info:  # refuses to overwrite a run
+        run_cli([*args, "--out", str(tmp_path / "full")])
+    assert exit_info.value.code == 2
+
+    save, saved = infer.save_atomic, []
+
+    def save_then_stop(state, path):
+        save(state, path)
+        saved.append(path)
+        if len(saved) == 2:
+            raise KeyboardInterrupt  # the run is stopped after its second epoch
+
+    monkeypatch.setattr(infer, "save_atomic", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(args)
+    assert not (tmp_path / "run/results.json").exists()
+    monkeypatch.setattr(infer, "save_atomic", save)
+    run_cli([*args, "--resume"])
+    resumed = json.loads((tmp_path / "run/results.json").read_text())
+    assert resumed["loss_history"] == full["loss_history"]
+    for key in ("base_acc", "new_acc", "hm"):
+        assert resumed[key] == pytest.approx(full[key])
+
+
+def bad_input_cases(root: Path) -> dict[str, tuple[list[str], str]]:
+    return {
+        "missing root": (["--root", str(root / "nowhere")], "looked for the folder"),
+        "unknown model": (["--model", "nope"], "Unknown model 'nope'. Known models: cocoop, coop, vpt"),
+        "unknown dataset": (["--dataset", "nope"], "Unknown dataset 'nope'"),
+        "weights offline": (["--backbone", "RN50", "--pretrained", "openai"],
+                            "pass --pretrained /path/to/checkpoint"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing root", "unknown model", "unknown dataset",
+                                  "weights offline"])
+def test_bad_input_exits_2_with_a_message(case: str, run_args: list[str], tmp_path: Path,
+                                          capsys) -> None:
+    extra, message = bad_input_cases(tmp_path)[case]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli([*run_args, *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_split_file_and_corrupt_image(run_args: list[str], tmp_path: Path,
+                                              capsys) -> None:
+    root = write_eurosat(tmp_path / "data", per_class=(2, 1, 1))
+    args = [*run_args, "--root", str(root), "--shots", "0"]
+    (root / "eurosat/2750/Forest/Forest_0.jpg").write_bytes(b"broken")
+    with pytest.raises(SystemExit):
+        run_cli(args)
+    assert "Forest_0.jpg" in capsys.readouterr().err
+    (root / "eurosat/split_zhou_EuroSAT.json").unlink()
+    with pytest.raises(SystemExit):
+        run_cli(args)
+    assert "split_zhou_EuroSAT.json" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_is_refused(run_args: list[str], tmp_path: Path,
+                                                capsys) -> None:
+    run_cli([*run_args, "--model", "vpt"])
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    config["model"] = "vpt_cond"
+    (tmp_path / "run/config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli([*run_args, "--model", "vpt_cond", "--resume"])
+    assert exit_info.value.code == 2
+    assert "belongs to another run" in capsys.readouterr().err
+
+
+def test_real_process_exit_code_and_no_traceback(run_args: list[str]) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), *run_args, "--model", "nope"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2
+    assert "Unknown model 'nope'" in done.stderr and "Traceback" not in done.stderr
