@@ -76,7 +76,8 @@ def test_resume_continues_to_the_same_result(run_args: list[str], tmp_path: Path
 def bad_input_cases(root: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "missing root": (["--root", str(root / "nowhere")], "looked for the folder"),
-        "unknown model": (["--model", "nope"], "Unknown model 'nope'. Known models: cocoop, coop, vpt"),
+        "unknown model": (["--model", "nope"],
+                          "Unknown model 'nope'. Known models: cocoop, coop, vpt"),
         "unknown dataset": (["--dataset", "nope"], "Unknown dataset 'nope'"),
         "weights offline": (["--backbone", "RN50", "--pretrained", "openai"],
                             "pass --pretrained /path/to/checkpoint"),
