@@ -118,3 +118,31 @@ def test_feature_cache_is_hit_on_second_run(tiny_clip, eurosat_root: Path, tmp_p
                         lambda *_: pytest.fail("the image tower ran again"))
     again = cached_features(tiny_clip, items, [0, 1, 2], tmp_path, seed=3)
     torch.testing.assert_close(again, first)
+
+
+def test_imagenet_family_readers(tmp_path: Path, eurosat_root: Path) -> None:
+    image = eurosat_root / "eurosat/2750/Forest/Forest_0.jpg"
+    names = "n01440764 tench\nn01443537 goldfish\nn01484850 great white shark\n"
+    for split in ("train", "val"):
+        for wnid in ("n01440764", "n01443537", "n01484850"):
+            (tmp_path / "imagenet/images" / split / wnid).mkdir(parents=True)
+            shutil.copy(image, tmp_path / "imagenet/images" / split / wnid / "a.jpg")
+    (tmp_path / "imagenet/classnames.txt").write_text(names)
+    imagenet = load_dataset("imagenet", tmp_path)
+    assert imagenet.classnames == ["tench", "goldfish", "great white shark"]
+    assert imagenet.test == imagenet.val and len(imagenet.train) == 3
+
+    for label in ("0", "2"):  # ImageNetV2 folders are label indices
+        (tmp_path / "imagenetv2/imagenetv2-matched-frequency-format-val" / label).mkdir(
+            parents=True)
+        shutil.copy(image, tmp_path / "imagenetv2/imagenetv2-matched-frequency-format-val" /
+                    label / "a.jpeg")
+    (tmp_path / "imagenetv2/classnames.txt").write_text(names)
+    assert load_dataset("imagenetv2", tmp_path).classnames == ["tench", "great white shark"]
+
+    (tmp_path / "imagenet-adversarial/imagenet-a/n01443537").mkdir(parents=True)
+    shutil.copy(image, tmp_path / "imagenet-adversarial/imagenet-a/n01443537/a.jpg")
+    (tmp_path / "imagenet-adversarial/imagenet-a/README.txt").write_text("ignored")
+    (tmp_path / "imagenet-adversarial/classnames.txt").write_text(names)
+    adversarial = load_dataset("imagenet_a", tmp_path)
+    assert adversarial.classnames == ["goldfish"] and adversarial.test[0].label == 0

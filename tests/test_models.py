@@ -63,3 +63,14 @@ def test_zeroshot_has_no_parameters_and_uses_the_template(tiny_clip) -> None:
     text = tiny_clip.encode_texts([f"a drawing of a {c}." for c in CLASSES])
     expected = torch.softmax(tiny_clip.logit_scale * features[0] @ text.T, dim=-1)
     torch.testing.assert_close(probs[0], expected)
+
+
+def test_a_model_file_given_by_path(tmp_path) -> None:
+    from bayesprompt.errors import UserError
+    from bayesprompt.runs import MODELS_DIR
+    copy = tmp_path / "my_prior.py"
+    copy.write_text((MODELS_DIR / "vpt.py").read_text().replace("class VPT", "class MyPrior")
+                    .replace("Model = VPT", "Model = MyPrior"))
+    assert load_model_class(str(copy)).__name__ == "MyPrior"
+    with pytest.raises(UserError, match="Model file not found"):
+        load_model_class(str(tmp_path / "missing.py"))
