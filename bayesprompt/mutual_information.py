@@ -7,9 +7,10 @@ Bounds (Poole et al., 2019, "On variational bounds of mutual information"):
 - InfoNCE (van den Oord et al., 2018): I >= log N + mean_i [T_ii - logsumexp_j T_ij];
   a lower bound for every critic, and never above log N.
 - Jensen-Shannon (f-GAN, Nowozin et al., 2016; Deep InfoMax, Hjelm et al., 2019): the critic is
-  trained on E_joint[-softplus(-T)] - E_product[softplus(T)], which bounds a JS divergence, not
-  the MI. Its optimum is T = log p(a, b) / p(a) p(b), so the MI in nats is read with the NWJ
-  bound at T + 1: I >= 1 + E_joint[T] - E_product[exp T] (a lower bound for every critic).
+  trained on log 4 + E_joint[-softplus(-T)] - E_product[softplus(T)], a lower bound on
+  2 JSD(p(a, b) || p(a) p(b)), not on the MI (0 for T = 0). Its optimum is
+  T = log p(a, b) / p(a) p(b), so the MI in nats is read with the NWJ bound at T + 1:
+  I >= 1 + E_joint[T] - E_product[exp T] (Poole et al.'s "JS" estimator; valid for every T).
 
 Per-sample terms have shape (..., N); their mean over N is the estimate. Leading dimensions
 (e.g. Pyro particles) broadcast.
@@ -61,9 +62,9 @@ def infonce_terms(scores: torch.Tensor) -> torch.Tensor:
 
 
 def jsd_terms(scores: torch.Tensor) -> torch.Tensor:
-    """Scores (..., N, N) -> per-sample Jensen-Shannon critic objective (..., N); not nats."""
+    """Scores (..., N, N) -> per-sample terms of the bound on 2 JSD (..., N); not MI nats."""
     joint = -F.softplus(-scores.diagonal(dim1=-2, dim2=-1))
-    return joint - _off_diagonal_mean(F.softplus(scores))
+    return math.log(4) + joint - _off_diagonal_mean(F.softplus(scores))
 
 
 def nwj_terms(scores: torch.Tensor) -> torch.Tensor:
