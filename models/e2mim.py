@@ -2,12 +2,16 @@
 
 ctx ~ N(0, prior_scale^2 I)                                        (n_ctx, W)
 p_B(x) = softmax(tau * x . g_c(ctx)),  p_A(x) = softmax(tau * x . t_c)   (t_c: template text)
-x ranges over the B real images and M class-wise Mixup images of the batch.
-training: y_i ~ Categorical(p_B(x_i)); factors: Mixup loss of p_B on the mix anchored at x_i,
-          mi_weight * JSD/InfoNCE bound between p_A and p_B (critic trained jointly);
+x ranges over the B real images and M class-wise Mixup images of the batch (ours: each image
+is mixed with a random other-class image of the batch, lam ~ Beta(mixup_alpha, mixup_alpha)).
+training: y_i ~ Categorical(p_B(x_i)); per-image factors in the data plate:
+          - mixup_weight * (soft-label CE, or -log p(class 1 or 2)) on the mix anchored at x_i,
+          + mi_weight * batch JSD/InfoNCE bound between p_A and p_B over real + mixed images;
+          the critic (a pyro.module) and the prompts both maximise the bound (InfoMax).
 predict:  y_i ~ Categorical(w p_A(x_i) + (1 - w) p_B(x_i)),  w = fusion_weight.
 guide: ctx = ctx_map, a point (Delta), initialised from the words of `ctx_init`.
-Options (--set): see bayesprompt.e2mim.E2MIMOptions and docs/E2MIM.md.
+Needs --batch-size >= 2 for Mixup and MI. Options (--set) and which choices are ours, not the
+paper's: bayesprompt.e2mim.E2MIMOptions and docs/E2MIM.md.
 """
 
 import pyro
