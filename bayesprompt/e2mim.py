@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 
 from bayesprompt.clip import FrozenCLIP
 from bayesprompt.errors import UserError
@@ -87,7 +88,7 @@ def handcrafted_text_features(clip: FrozenCLIP, classnames: list[str], templates
     per_template = torch.stack([
         clip.encode_texts([t.format(prompt_classname(c)) for c in classnames]) for t in templates
     ])                                                                    # (K, C, D)
-    return torch.nn.functional.normalize(per_template.mean(0), dim=-1)
+    return F.normalize(per_template.mean(0), dim=-1)
 
 
 def with_mixed(values: torch.Tensor, mix: Mixup | None) -> torch.Tensor:
@@ -98,6 +99,16 @@ def with_mixed(values: torch.Tensor, mix: Mixup | None) -> torch.Tensor:
 def with_mixed_features(image_features: torch.Tensor, mix: Mixup | None) -> torch.Tensor:
     """Image features (B, D) followed by the unit-norm mixed features: (B + M, D)."""
     return image_features if mix is None else torch.cat([image_features, mix.features])
+
+
+def critic_input(logits: torch.Tensor) -> torch.Tensor:
+    """A view's class logits (..., N, C) standardised over the classes of each image.
+
+    A fixed function of the view's probabilities (log-probs up to a per-image offset and
+    scale), so by data processing the MI bound on it also bounds I(p_A; p_B); unlike the raw
+    probabilities it has unit scale whatever the logit scale of the backbone.
+    """
+    return F.layer_norm(logits, logits.shape[-1:])
 
 
 def mixup_nll(log_probs: torch.Tensor, targets: torch.Tensor, label: str) -> torch.Tensor:
@@ -162,8 +173,8 @@ class DualViewModel(PromptModel):
         the mixed ones, learnable-view logits (..., B + M, C), labels (B,) or None (predict).
         """
         options = self.options
-        batch = logits.shape[:-2] + (logits.shape[-2] - (0 if mix is None else len(mix.anchor)),)
-        b = batch[-1]
+        b = features.shape[0] - (0 if mix is None else len(mix.anchor))     # B real images
+        batch = logits.shape[:-2] + (b,)
         handcrafted = None
         if options.handcrafted:
             handcrafted = self.class_logits(features, self.handcrafted_text)   # (B + M, C)
@@ -179,7 +190,7 @@ class DualViewModel(PromptModel):
         if self.critic is not None:
             critic = pyro.module("critic", self.critic, update_module_params=True)
             if features.shape[0] > 1:
-                terms = critic_objective(critic, handcrafted.softmax(-1), logits.softmax(-1),
+                terms = critic_objective(critic, critic_input(handcrafted), critic_input(logits),
                                          options.mi_bound)                  # (..., B + M)
                 bound = terms.mean(-1, keepdim=True)
                 pyro.factor("mi", options.mi_weight * bound.expand(batch))

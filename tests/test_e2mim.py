@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bayesprompt.clip import load_clip
-from bayesprompt.e2mim import E2MIMOptions, mixup_nll
+from bayesprompt.e2mim import E2MIMOptions, critic_input, mixup_nll
 from bayesprompt.errors import UserError
 from bayesprompt.infer import elbo_objective, predictive_probs
 from bayesprompt.mixup import class_mixup
@@ -20,7 +20,7 @@ from bayesprompt.prompt_model import PromptConfig
 from bayesprompt.runs import RunConfig, load_model_class, train_and_evaluate
 from tests.conftest import TINY_BACKBONE
 
-DIM, BATCH, EVAL_BATCHES = 2, 64, 30
+DIM, BATCH, EVAL_BATCHES = 2, 32, 30
 
 
 def gaussian_pairs(n: int, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +163,9 @@ def test_per_image_objective_is_the_documented_one(tiny_clip):
         logits = program.class_logits(everything, program.text_features(program.init_ctx))
         ce = torch.nn.functional.cross_entropy(logits[:4], labels)
         mixup = mixup_nll(logits[4:].log_softmax(-1), mix.targets, "soft").sum() / 4
-        views = program.class_logits(everything, program.handcrafted_text).softmax(-1)
-        bound = critic_objective(program.critic, views, logits.softmax(-1), "jsd").mean()
+        views = program.class_logits(everything, program.handcrafted_text)
+        bound = critic_objective(program.critic, critic_input(views), critic_input(logits),
+                                 "jsd").mean()
     expected = ce + 0.3 * mixup - 0.7 * bound
     assert abs(bound.item()) > 0.05
     assert (totals[40] - totals[4]) / 36 == pytest.approx(expected.item(), rel=1e-4)
@@ -207,3 +208,17 @@ def test_trains_and_evaluates_on_eurosat(model, options, eurosat_root, cache_dir
     assert len(results["loss_history"]) == 2
     assert all(math.isfinite(loss) for loss in results["loss_history"])
     assert 0 <= results["base_acc"] <= 100 and 0 <= results["new_acc"] <= 100
+
+
+def test_without_mixup_mi_and_fusion_e2mim_is_coop(eurosat_root, tmp_path):
+    results = {}
+    for model, options in [("coop", {}),
+                           ("e2mim", {"mixup": False, "mi_weight": 0, "fusion_weight": 0})]:
+        torch.manual_seed(0)  # the tiny backbone's random weights come from the global RNG
+        config = RunConfig(dataset="eurosat", root=str(eurosat_root), model=model,
+                           backbone=TINY_BACKBONE, pretrained=None, shots=4, epochs=2,
+                           num_particles=1, batch_size=4, views=2, lr=0.01, options=options,
+                           cache_dir=str(tmp_path / "cache"), out=str(tmp_path / model))
+        results[model] = train_and_evaluate(config)
+    for key in ("loss_history", "base_acc", "new_acc"):
+        assert results["e2mim"][key] == pytest.approx(results["coop"][key], rel=1e-5)
