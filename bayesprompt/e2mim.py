@@ -31,7 +31,7 @@ from bayesprompt.clip import FrozenCLIP
 from bayesprompt.errors import UserError
 from bayesprompt.mixup import LABELS, Mixup, class_mixup
 from bayesprompt.mutual_information import BOUNDS, Critic, critic_objective
-from bayesprompt.prompt_model import PromptModel
+from bayesprompt.prompt_model import PromptConfig, PromptModel
 from bayesprompt.prompts import prompt_classname
 
 #: Generic templates of the "ensemble" hand-crafted view (ours; the dataset's is added to them).
@@ -129,7 +129,7 @@ class DualViewModel(PromptModel):
     `observe` inside the data plate.
     """
 
-    def __init__(self, clip, classnames, config):
+    def __init__(self, clip: FrozenCLIP, classnames: list[str], config: PromptConfig) -> None:
         super().__init__(clip, classnames, config)
         options = self.options
         self.critic = None
