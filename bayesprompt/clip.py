@@ -24,6 +24,8 @@ from torch import nn
 from bayesprompt.errors import UserError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Seed of the weights of a backbone without pretrained weights (tests, smoke runs).
+RANDOM_INIT_SEED = 0
 
 #: Backbones whose weights the project provides itself: name -> function giving a local file.
 EMBEDDED_WEIGHTS: dict[str, Callable[[], Path]] = {}
@@ -197,8 +199,12 @@ def load_clip(backbone: str, pretrained: str | None = None, device: str = "cpu",
     else:
         logging.warning("%s has random weights: zero-shot accuracy will be at chance.", name)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
+        with torch.random.fork_rng():
+            # random init is seeded: the feature cache and load_run need the same weights
+            # in every process (the identity of random weights is just "random-init")
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
     except (RuntimeError, OSError, ValueError) as error:
         if pretrained and not os.path.isfile(pretrained):
             raise UserError(
