@@ -37,7 +37,8 @@ def _save(fig: Figure, path: str | os.PathLike) -> None:
     (by default a legend kept with ``ax.add_artist`` beside the axes is cut off)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     legends = [legend for ax in fig.axes for legend in ax.findobj(Legend)]
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", bbox_extra_artists=legends)
+    extra = fig.get_default_bbox_extra_artists() + legends
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", bbox_extra_artists=extra)
 
 
 def plot_reliability_diagram(
@@ -136,6 +137,7 @@ def plot_selective_prediction(
         xlabel="coverage (fraction of images kept)",
         ylabel="accuracy on kept images",
         xlim=(0, 1),
+        ylim=(-0.02, 1.02),
         title="Selective prediction",
     )
     ax.legend(fontsize=8, loc="lower left")

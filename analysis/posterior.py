@@ -66,10 +66,8 @@ class SplitSamples:
         """ArviZ InferenceData of this split (see :func:`to_inference_data`)."""
         dims = {}
         for name, value in self.latents.items():
-            event = [f"{name}_dim_{i}" for i in range(value.dim() - 1)]
-            if name in self.per_image_sites:
-                event[0] = "image"
-            dims[name] = event
+            image = ["image"] if name in self.per_image_sites else []
+            dims[name] = image + [f"{name}_dim_{i}" for i in range(value.dim() - 1 - len(image))]
         return to_inference_data(self.latents, self.predicted, self.probs, self.labels,
                                  self.classnames, [self.name] * len(self.labels), dims)
 
