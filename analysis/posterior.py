@@ -258,7 +258,10 @@ def posterior_samples(run_dir: str | Path, num_samples: int = 50,
 
 @torch.no_grad()
 def template_features(clip: FrozenCLIP, classnames: list[str],
-                      templates: Sequence[str] = IMAGENET_TEMPLATES) -> torch.Tensor:
+                      templates: Sequence[str] = IMAGENET_TEMPLATES,
+                      batch_size: int = 512) -> torch.Tensor:
     """Text features of hand-written templates for each class: (K, C, D)."""
-    names = [prompt_classname(c) for c in classnames]
-    return torch.stack([clip.encode_texts([t.format(n) for n in names]) for t in templates]).cpu()
+    texts = [t.format(prompt_classname(c)) for t in templates for c in classnames]
+    features = torch.cat([clip.encode_texts(texts[i:i + batch_size]).cpu()
+                          for i in range(0, len(texts), batch_size)])
+    return features.reshape(len(templates), len(classnames), -1)

@@ -144,8 +144,13 @@ def write_analysis(posterior: RunPosterior, out: Path | None = None) -> dict[str
     for name, data in idata.items():
         save_inference_data(data, out / f"posterior_{name}.nc")
         files.append(f"posterior_{name}.nc")
-    templates = {name: template_features(posterior.clip, s.classnames).numpy()
-                 for name, s in posterior.splits.items() if s.text_features is not None}
+    templates, by_classes = {}, {}  # split -> (K, C, D); domains reuse the base classes'
+    for name, s in posterior.splits.items():
+        if s.text_features is not None:
+            key = tuple(s.classnames)
+            if key not in by_classes:
+                by_classes[key] = template_features(posterior.clip, s.classnames).numpy()
+            templates[name] = by_classes[key]
     metrics = {
         "run_dir": str(posterior.run_dir),
         "model": posterior.config.model,
