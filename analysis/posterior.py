@@ -231,9 +231,10 @@ def posterior_samples(run_dir: str | Path, num_samples: int = 50,
     if not run_dir.is_dir():
         raise UserError(f"Run folder not found: {run_dir}. Pass a folder written by "
                         "experiments/svi_train.py (it holds config.json and checkpoint.pt).")
-    if not (run_dir / "checkpoint.pt").is_file() and (run_dir / "config.json").is_file():
-        raise UserError(f"{run_dir} holds no checkpoint.pt: the run has not finished an epoch.")
     config, program, clip, base, new = load_run(run_dir, device)
+    if program.latent_sites and not (run_dir / "checkpoint.pt").is_file():
+        raise UserError(f"{run_dir} holds no checkpoint.pt: the run has not finished an epoch "
+                        "of training. Train it (svi_train.py --out RUN_DIR [--resume]) first.")
     datasets = {"base": base, "new": new}
     chosen = {}
     for split in splits:
