@@ -132,7 +132,8 @@ def model_samples(program: PromptModel, features: torch.Tensor,
 
     Global latents (S, *event) get a size-1 batch dim so Predictive's vectorizing plate (dim -2)
     lines up with them; per-image latents are (S, B, *event) already. Text features are
-    (S, C, D) for global prompts, (S, B, C, D) for per-image prompts, None without prompts.
+    (S, 1, C, D) for prompts shared by the batch, (S, B, C, D) for per-image prompts, None
+    without prompts.
     """
     conditioned = {k: v if k in per_image else v.unsqueeze(1) for k, v in latents.items()}
     state = {}
@@ -149,9 +150,18 @@ def model_samples(program: PromptModel, features: torch.Tensor,
     probs = probs.expand(num_samples, features.shape[0], -1)
     text = state["text"]
     if text is not None:
-        text = text.expand(num_samples, *text.shape[1:])
-        text = text[:, 0] if text.shape[1] == 1 else text             # (S, C, D) or (S, B, C, D)
+        text = text.expand(num_samples, *text.shape[-3:]) if text.dim() == 4 else \
+            text.expand(num_samples, 1, *text.shape[-2:])
     return labels, probs, text
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of batches of N images with no batch of one image (unless N = 1), so a
+    text feature batch dim of 1 always means a prompt shared by the whole batch."""
+    starts = list(range(0, n, max(batch_size, 2)))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n], strict=True))
 
 
 def sample_split(program: PromptModel, name: str, dataset: Dataset, features: torch.Tensor,
@@ -170,19 +180,19 @@ def sample_split(program: PromptModel, name: str, dataset: Dataset, features: to
         if site not in per_image:
             latents[site] = global_latents.setdefault(site, latents[site])
     labels, probs, texts = [], [], []
-    batches = range(0, features.shape[0], batch_size)
-    for start in tqdm(batches, desc=f"posterior samples ({name})", unit="batch", leave=False):
-        stop = start + batch_size
+    for start, stop in tqdm(batch_bounds(features.shape[0], batch_size),
+                            desc=f"posterior samples ({name})", unit="batch", leave=False):
         batch = {k: v[:, start:stop] if k in per_image else v for k, v in latents.items()}
         y, p, text = model_samples(program, features[start:stop], batch, per_image, draws)
         labels.append(y)
         probs.append(p)
-        if text is not None and (text.dim() == 3 or start < MAX_TEXT_IMAGES):
+        if text is not None and start < MAX_TEXT_IMAGES:
             texts.append(text)
-    if texts and texts[0].dim() == 4:
-        text_features = torch.cat(texts, dim=1)[:, :MAX_TEXT_IMAGES]
-    else:
-        text_features = texts[0] if texts else None
+    text_features = None
+    if texts and all(t.shape[1] == 1 for t in texts):  # one prompt per class for all images
+        text_features = texts[0][:, 0]                                       # (S, C, D)
+    elif texts:
+        text_features = torch.cat(texts, dim=1)[:, :MAX_TEXT_IMAGES]         # (S, M, C, D)
 
     def repeat(x: torch.Tensor) -> torch.Tensor:
         return x.expand(num_samples, *x.shape[1:]).clone()

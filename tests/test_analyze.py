@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import xarray as xr
 from conftest import TINY_BACKBONE
 
 from analysis.inference_data import load_inference_data
+from analysis.posterior import batch_bounds, model_samples, posterior_samples
 from bayesprompt.runs import RunConfig, train_and_evaluate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,3 +105,19 @@ def test_bad_run_dir_exits_2_with_a_message(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Run folder not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+
+def test_probabilities_and_text_features_do_not_depend_on_batching(
+        analyzed: dict[str, Path]) -> None:
+    """Given the latent samples, batches of 4, 4, 4 and 3 images give what one batch gives."""
+    posterior = posterior_samples(analyzed["vpt_cond"].parent, 3, splits=("base",))
+    base, program = posterior.splits["base"], posterior.program
+    probs, texts = [], []
+    for start, stop in batch_bounds(len(base.labels), 4):
+        batch = {"r": base.latents["r"][:, start:stop]}
+        _, p, text = model_samples(program, base.features[start:stop], batch, ("r",), 3)
+        probs.append(p)
+        texts.append(text)
+    torch.testing.assert_close(torch.cat(probs, dim=1), base.probs)
+    torch.testing.assert_close(torch.cat(texts, dim=1), base.text_features)
