@@ -14,6 +14,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.legend import Legend
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
@@ -32,9 +33,12 @@ def _figure(**kwargs: Any) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
-    """Save ``fig`` as PNG, creating the folder."""
+    """Save ``fig`` as PNG, creating the folder. Every legend counts for the tight bounding box
+    (by default a legend kept with ``ax.add_artist`` beside the axes is cut off)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    legends = [legend for ax in fig.axes for legend in ax.findobj(Legend)]
+    extra = fig.get_default_bbox_extra_artists() + legends
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", bbox_extra_artists=extra)
 
 
 def plot_reliability_diagram(
@@ -133,6 +137,7 @@ def plot_selective_prediction(
         xlabel="coverage (fraction of images kept)",
         ylabel="accuracy on kept images",
         xlim=(0, 1),
+        ylim=(-0.02, 1.02),
         title="Selective prediction",
     )
     ax.legend(fontsize=8, loc="lower left")

@@ -1,0 +1,278 @@
+"""Posterior samples of a trained run on its test splits, as arrays and as ArviZ InferenceData.
+
+How the samples are drawn (S samples, N test images of a split, C classes, D feature width):
+
+1. Latents: ``pyro.infer.Predictive(program.guide, num_samples=S, parallel=True)`` on all N
+   image features at once (the guide is cheap; subsampling is off, ``dataset_size=None``).
+   Global latents (outside the ``images`` plate, e.g. ``r`` of vpt, ``ctx`` of coop) are drawn
+   once per run and shared by every split, so draw s is the same prompt on base, new and
+   shifted images. Per-image latents (e.g. ``r`` of vpt_cond) are drawn per split.
+2. Labels and probabilities: ``Predictive(model, posterior_samples=latents, parallel=True)``
+   batch by batch. The model runs inside a recorder that traces it (reading the ``y`` site's
+   distribution, hence the class probabilities (S, B, C)) and wraps ``program.text_features``
+   to keep the class text features each sample produced. No model file needs to change.
+
+Point-estimate models (coop, cocoop, zeroshot: ``program.stochastic`` is False) are sampled
+once and the draw is repeated S times: their S samples are identical by construction.
+
+Base and new classes are different class sets, so every split gets its own InferenceData with
+its own ``class`` coordinate, stored as ``posterior_<split>.nc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import Predictive
+from tqdm.auto import tqdm
+
+from analysis.inference_data import to_inference_data
+from analysis.templates import IMAGENET_TEMPLATES
+from bayesprompt.clip import FrozenCLIP
+from bayesprompt.data.datasets import Dataset, load_dataset
+from bayesprompt.data.features import cached_features
+from bayesprompt.data.splits import subsample_classes
+from bayesprompt.errors import UserError
+from bayesprompt.prompt_model import PromptModel
+from bayesprompt.prompts import prompt_classname
+from bayesprompt.runs import RunConfig, load_run
+
+#: Per-image text features (S, M, C, D) are kept for the first M images of a split only.
+MAX_TEXT_IMAGES = 32
+
+
+@dataclass
+class SplitSamples:
+    """Posterior samples on the test images of one split."""
+
+    name: str
+    classnames: list[str]
+    features: torch.Tensor  # (N, D) image features
+    labels: torch.Tensor  # (N,) true labels
+    latents: dict[str, torch.Tensor]  # site -> (S, *event) global or (S, N, *event) per image
+    per_image_sites: tuple[str, ...]  # latent sites inside the images plate
+    predicted: torch.Tensor  # (S, N) sampled labels
+    probs: torch.Tensor  # (S, N, C) class probabilities per sample
+    text_features: torch.Tensor | None  # (S, C, D) global, (S, M, C, D) per image, None
+
+    def inference_data(self) -> Any:
+        """ArviZ InferenceData of this split (see :func:`to_inference_data`)."""
+        dims = {}
+        for name, value in self.latents.items():
+            image = ["image"] if name in self.per_image_sites else []
+            dims[name] = image + [f"{name}_dim_{i}" for i in range(value.dim() - 1 - len(image))]
+        return to_inference_data(self.latents, self.predicted, self.probs, self.labels,
+                                 self.classnames, [self.name] * len(self.labels), dims)
+
+
+@dataclass
+class RunPosterior:
+    """A loaded run and its posterior samples per split (base, new, domain names)."""
+
+    run_dir: Path
+    config: RunConfig
+    program: PromptModel
+    clip: FrozenCLIP
+    splits: dict[str, SplitSamples]
+    num_samples: int
+
+    @property
+    def deterministic(self) -> bool:
+        """True for point-estimate models: all S samples are the same."""
+        return not self.program.stochastic
+
+
+@contextmanager
+def record_text_features(program: PromptModel) -> Iterator[list[torch.Tensor]]:
+    """Collect every output of ``program.text_features`` while the block runs."""
+    outputs: list[torch.Tensor] = []
+    original = program.text_features
+
+    def recorder(context: torch.Tensor) -> torch.Tensor:
+        outputs.append(original(context))
+        return outputs[-1]
+
+    program.text_features = recorder  # an instance attribute shadows the method
+    try:
+        yield outputs
+    finally:
+        del program.text_features
+
+
+def per_image_sites(program: PromptModel, features: torch.Tensor) -> tuple[str, ...]:
+    """Latent sites of the model that sit inside the ``images`` plate (one value per image)."""
+    trace = poutine.trace(program.model).get_trace(features[:1])
+    return tuple(name for name in program.latent_sites
+                 if any(f.name == "images" for f in trace.nodes[name]["cond_indep_stack"]))
+
+
+@torch.no_grad()
+def guide_samples(program: PromptModel, features: torch.Tensor, num_samples: int
+                  ) -> dict[str, torch.Tensor]:
+    """Latent samples from the guide on features (N, D): site -> (S, *value shape)."""
+    if not program.latent_sites:
+        return {}
+    predictive = Predictive(program.guide, num_samples=num_samples, parallel=True,
+                            return_sites=list(program.latent_sites))
+    return {k: v.detach() for k, v in predictive(features).items()}
+
+
+@torch.no_grad()
+def model_samples(program: PromptModel, features: torch.Tensor,
+                  latents: dict[str, torch.Tensor], per_image: Sequence[str], num_samples: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Labels (S, B), probabilities (S, B, C) and text features given latent samples.
+
+    Global latents (S, *event) get a size-1 batch dim so Predictive's vectorizing plate (dim -2)
+    lines up with them; per-image latents are (S, B, *event) already. Text features are
+    (S, 1, C, D) for prompts shared by the batch, (S, B, C, D) for per-image prompts, None
+    without prompts.
+    """
+    conditioned = {k: v if k in per_image else v.unsqueeze(1) for k, v in latents.items()}
+    state = {}
+
+    def recorded_model(*args: Any) -> None:
+        with record_text_features(program) as text:
+            state["trace"] = poutine.trace(program.model).get_trace(*args)
+        state["text"] = text[-1] if text else None
+
+    predictive = Predictive(recorded_model, posterior_samples=conditioned,
+                            num_samples=num_samples, parallel=True, return_sites=["y"])
+    labels = predictive(features)["y"]                                   # (S, B)
+    probs = state["trace"].nodes["y"]["fn"].probs                        # (S, B, C)
+    probs = probs.expand(num_samples, features.shape[0], -1)
+    text = state["text"]
+    if text is not None:
+        text = text.expand(num_samples, *text.shape[-3:]) if text.dim() == 4 else \
+            text.expand(num_samples, 1, *text.shape[-2:])
+    return labels, probs, text
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of batches of N images with no batch of one image (unless N = 1), so a
+    text feature batch dim of 1 always means a prompt shared by the whole batch."""
+    starts = list(range(0, n, max(batch_size, 2)))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n], strict=True))
+
+
+def sample_split(program: PromptModel, name: str, dataset: Dataset, features: torch.Tensor,
+                 num_samples: int, global_latents: dict[str, torch.Tensor],
+                 batch_size: int = 64) -> SplitSamples:
+    """Draw S posterior samples on the test split of ``dataset`` (image features (N, D)).
+
+    ``global_latents`` holds the run's shared draws of the global sites; it is filled on the
+    first call. Point-estimate models draw once and repeat the draw S times.
+    """
+    program.set_classes(dataset.classnames)
+    draws = num_samples if program.stochastic else 1
+    per_image = per_image_sites(program, features)
+    latents = guide_samples(program, features, draws)
+    for site in latents:
+        if site not in per_image:
+            latents[site] = global_latents.setdefault(site, latents[site])
+    labels, probs, texts = [], [], []
+    for start, stop in tqdm(batch_bounds(features.shape[0], batch_size),
+                            desc=f"posterior samples ({name})", unit="batch", leave=False):
+        batch = {k: v[:, start:stop] if k in per_image else v for k, v in latents.items()}
+        y, p, text = model_samples(program, features[start:stop], batch, per_image, draws)
+        labels.append(y)
+        probs.append(p)
+        if text is not None and start < MAX_TEXT_IMAGES:
+            texts.append(text)
+    text_features = None
+    if texts and all(t.shape[1] == 1 for t in texts):  # one prompt per class for all images
+        text_features = texts[0][:, 0]                                       # (S, C, D)
+    elif texts:
+        text_features = torch.cat(texts, dim=1)[:, :MAX_TEXT_IMAGES]         # (S, M, C, D)
+
+    def repeat(x: torch.Tensor) -> torch.Tensor:
+        return x.expand(num_samples, *x.shape[1:]).clone()
+
+    return SplitSamples(
+        name=name, classnames=list(dataset.classnames), features=features.cpu(),
+        labels=torch.tensor([item.label for item in dataset.test]),
+        latents={k: repeat(v).cpu() for k, v in latents.items()}, per_image_sites=per_image,
+        predicted=repeat(torch.cat(labels, dim=1)).cpu(),
+        probs=repeat(torch.cat(probs, dim=1)).cpu(),
+        text_features=None if text_features is None else repeat(text_features).cpu())
+
+
+def domain_dataset(config: RunConfig, name: str, classnames: list[str]) -> Dataset:
+    """The run's class subsample of dataset ``name`` (a domain-shifted variant of its data)."""
+    dataset = load_dataset(name, Path(config.root).expanduser())
+    subsample = "base" if config.subsample == "base" else "all"
+    dataset = subsample_classes(dataset, subsample)
+    if dataset.classnames != classnames:
+        raise UserError(
+            f"The domain dataset '{name}' has other classes than the run's training classes "
+            f"({len(dataset.classnames)} vs {len(classnames)}; e.g. {dataset.classnames[:3]} vs "
+            f"{classnames[:3]}). A domain variant must have the same classes in the same order."
+        )
+    return dataset
+
+
+def posterior_samples(run_dir: str | Path, num_samples: int = 50,
+                      splits: Sequence[str] = ("base", "new"), domains: Sequence[str] = (),
+                      device: str | None = None) -> RunPosterior:
+    """Load a run folder and draw S posterior samples on each test split.
+
+    Args:
+        run_dir: a folder written by ``train_and_evaluate`` (config.json, checkpoint.pt).
+        num_samples: S.
+        splits: which of the run's own test splits: "base" (training classes; all classes
+            for a run with subsample "all") and "new" (held-out classes, if any).
+        domains: names of datasets with the run's classes (e.g. "miniworld_sketch"); each is
+            evaluated on the training classes and becomes a split named after it.
+        device: overrides the run's device.
+
+    Returns:
+        :class:`RunPosterior` with one :class:`SplitSamples` per split.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"Run folder not found: {run_dir}. Pass a folder written by "
+                        "experiments/svi_train.py (it holds config.json and checkpoint.pt).")
+    config, program, clip, base, new = load_run(run_dir, device)
+    if program.latent_sites and not (run_dir / "checkpoint.pt").is_file():
+        raise UserError(f"{run_dir} holds no checkpoint.pt: the run has not finished an epoch "
+                        "of training. Train it (svi_train.py --out RUN_DIR [--resume]) first.")
+    datasets = {"base": base, "new": new}
+    chosen = {}
+    for split in splits:
+        if split not in datasets:
+            raise UserError(f"Unknown split '{split}'; choose from base, new.")
+        if datasets[split] is not None:
+            chosen[split] = datasets[split]
+    for name in domains:
+        chosen[name] = domain_dataset(config, name, base.classnames)
+
+    pyro.set_rng_seed(config.seed)
+    cache = Path(config.cache_dir).expanduser() / "features"
+    global_latents: dict[str, torch.Tensor] = {}
+    samples = {}
+    for name, dataset in chosen.items():
+        features = cached_features(clip, dataset.test, [0], cache)[0].to(clip.device)
+        samples[name] = sample_split(program, name, dataset, features, num_samples,
+                                     global_latents, config.eval_batch_size)
+    program.set_classes(base.classnames)
+    return RunPosterior(run_dir, config, program, clip, samples, num_samples)
+
+
+@torch.no_grad()
+def template_features(clip: FrozenCLIP, classnames: list[str],
+                      templates: Sequence[str] = IMAGENET_TEMPLATES,
+                      batch_size: int = 512) -> torch.Tensor:
+    """Text features of hand-written templates for each class: (K, C, D)."""
+    texts = [t.format(prompt_classname(c)) for t in templates for c in classnames]
+    features = torch.cat([clip.encode_texts(texts[i:i + batch_size]).cpu()
+                          for i in range(0, len(texts), batch_size)])
+    return features.reshape(len(templates), len(classnames), -1)

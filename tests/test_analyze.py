@@ -1,0 +1,123 @@
+"""experiments/analyze.py on small runs of the EuroSAT fixture: files, groups, metrics, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import xarray as xr
+from conftest import TINY_BACKBONE
+
+from analysis.inference_data import load_inference_data
+from analysis.posterior import batch_bounds, model_samples, posterior_samples
+from bayesprompt.runs import RunConfig, train_and_evaluate
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "experiments"))
+import analyze  # noqa: E402
+
+SPLIT_KEYS = {"n", "accuracy", "ece", "nll", "brier", "mean_uncertainty", "aurc", "coverage"}
+COVERAGE_KEYS = {"prompt_spread", "total_variance", "template_distance",
+                 "nearest_template_distance", "template_fraction_in_credible_region"}
+
+
+def train_run(model: str, root: Path, folder: Path) -> Path:
+    """A one-epoch run of `model` on the fixture, in `folder`."""
+    config = RunConfig(dataset="eurosat", root=str(root), model=model, backbone=TINY_BACKBONE,
+                       pretrained=None, shots=2, epochs=1, num_particles=2, batch_size=4,
+                       views=1, cache_dir=str(folder / "cache"), out=str(folder / model))
+    train_and_evaluate(config)
+    return folder / model
+
+
+@pytest.fixture(scope="module")
+def analyzed(eurosat_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """vpt_cond and coop runs, analysed with 6 samples (vpt_cond also on a 'domain')."""
+    folder = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for model, extra in (("vpt_cond", ["--domains", "eurosat"]), ("coop", [])):
+        run = train_run(model, eurosat_root, folder)
+        analyze.main([str(run), "--num-samples", "6", "--device", "cpu", *extra])
+        runs[model] = run / "analysis"
+    return runs
+
+
+def test_inference_data_groups_dims_and_coords(analyzed: dict[str, Path]) -> None:
+    folder = analyzed["vpt_cond"]
+    for split in ("base", "new", "eurosat"):
+        idata = load_inference_data(folder / f"posterior_{split}.nc")
+        assert {"posterior", "posterior_predictive", "observed_data"} <= set(idata.groups())
+        r = idata.posterior["r"]
+        n_images = idata.observed_data["y"].sizes["image"]
+        assert r.dims == ("chain", "draw", "image", "r_dim_0")
+        assert r.shape[:3] == (1, 6, n_images)
+        probs = idata.posterior_predictive["probs"]
+        assert probs.dims == ("chain", "draw", "image", "class")
+        assert probs.sizes["class"] == 5
+        assert set(probs["split"].values) == {split}
+        assert idata.posterior_predictive["y"].shape == (1, 6, n_images)
+        xr.testing.assert_allclose(probs.sum("class"), xr.ones_like(probs.sum("class")),
+                                   atol=1e-5)
+    base = load_inference_data(folder / "posterior_base.nc").posterior_predictive["class"]
+    new = load_inference_data(folder / "posterior_new.nc").posterior_predictive["class"]
+    assert not set(base.values) & set(new.values)
+
+
+def test_metrics_and_figures(analyzed: dict[str, Path]) -> None:
+    metrics = json.loads((analyzed["vpt_cond"] / "metrics.json").read_text())
+    assert metrics["deterministic"] is False
+    assert set(metrics["splits"]) == {"base", "new", "eurosat"}
+    for values in metrics["splits"].values():
+        assert SPLIT_KEYS <= set(values)
+        assert set(values["coverage"]) == COVERAGE_KEYS
+        assert 0 <= values["coverage"]["template_fraction_in_credible_region"] <= 1
+        assert set(values["aurc"]) == {"total", "aleatoric", "epistemic"}
+    assert set(metrics["auroc"]) == {"new_vs_base", "eurosat_vs_base"}
+    for name in metrics["files"]:
+        assert (analyzed["vpt_cond"] / name).is_file(), name
+    pngs = {p.name for p in analyzed["vpt_cond"].glob("*.png")}
+    assert {"reliability.png", "uncertainty_histograms.png", "selective_prediction_base.png",
+            "prompt_projection_base.png", "posterior_r.png", "forest_r.png"} <= pngs
+
+
+def test_point_estimate_model_is_flagged_deterministic(analyzed: dict[str, Path]) -> None:
+    metrics = json.loads((analyzed["coop"] / "metrics.json").read_text())
+    assert metrics["deterministic"] is True
+    assert "identical" in metrics["note"]
+    base = metrics["splits"]["base"]
+    assert base["coverage"]["prompt_spread"] == pytest.approx(0.0, abs=1e-9)
+    assert base["coverage"]["template_fraction_in_credible_region"] is None
+    assert "epistemic" not in base["aurc"]
+    ctx = load_inference_data(analyzed["coop"] / "posterior_base.nc").posterior["ctx"]
+    assert bool((ctx == ctx.isel(draw=0)).all())
+    assert not list(analyzed["coop"].glob("posterior_ctx.png"))
+
+
+def test_bad_run_dir_exits_2_with_a_message(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "experiments" / "analyze.py"),
+                             str(tmp_path / "missing")], capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert "Run folder not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+
+def test_probabilities_and_text_features_do_not_depend_on_batching(
+        analyzed: dict[str, Path]) -> None:
+    """Given the latent samples, batches of 4, 4, 4 and 3 images give what one batch gives."""
+    posterior = posterior_samples(analyzed["vpt_cond"].parent, 3, splits=("base",))
+    base, program = posterior.splits["base"], posterior.program
+    probs, texts = [], []
+    for start, stop in batch_bounds(len(base.labels), 4):
+        batch = {"r": base.latents["r"][:, start:stop]}
+        _, p, text = model_samples(program, base.features[start:stop], batch, ("r",), 3)
+        probs.append(p)
+        texts.append(text)
+    torch.testing.assert_close(torch.cat(probs, dim=1), base.probs)
+    torch.testing.assert_close(torch.cat(texts, dim=1), base.text_features)
