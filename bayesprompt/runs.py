@@ -28,14 +28,25 @@ from bayesprompt.prompt_model import PromptConfig, PromptModel
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
-#: (num_particles L, epochs) of the reference run scripts of Bayesian Prompt Learning.
-DATASET_DEFAULTS: dict[str, tuple[int, int]] = {
-    "caltech101": (20, 20), "oxford_pets": (40, 20), "stanford_cars": (20, 40),
-    "oxford_flowers": (10, 40), "food101": (20, 20), "fgvc_aircraft": (10, 10),
-    "sun397": (20, 10), "dtd": (40, 10), "eurosat": (20, 60), "ucf101": (5, 20),
-    "imagenet": (10, 10),
+@dataclass(frozen=True)
+class DatasetDefaults:
+    """Per-dataset training defaults: Monte Carlo samples L, epochs, batch size."""
+
+    num_particles: int
+    epochs: int
+    batch_size: int = 1
+
+
+#: The reference run scripts of Bayesian Prompt Learning (batch size 1).
+DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
+    name: DatasetDefaults(particles, epochs) for name, (particles, epochs) in {
+        "caltech101": (20, 20), "oxford_pets": (40, 20), "stanford_cars": (20, 40),
+        "oxford_flowers": (10, 40), "food101": (20, 20), "fgvc_aircraft": (10, 10),
+        "sun397": (20, 10), "dtd": (40, 10), "eurosat": (20, 60), "ucf101": (5, 20),
+        "imagenet": (10, 10),
+    }.items()
 }
-FALLBACK_DEFAULTS = (10, 10)
+FALLBACK_DEFAULTS = DatasetDefaults(10, 10)
 
 
 @dataclass
@@ -52,7 +63,7 @@ class RunConfig:
     subsample: str = "base"
     epochs: int | None = None
     num_particles: int | None = None
-    batch_size: int = 1
+    batch_size: int | None = None
     objective: str = "elbo"
     lr: float = 0.002
     views: int = 8
@@ -69,10 +80,11 @@ class RunConfig:
 
     def resolved(self) -> RunConfig:
         """A copy with dataset defaults filled in and the run folder named."""
-        particles, epochs = DATASET_DEFAULTS.get(self.dataset, FALLBACK_DEFAULTS)
+        defaults = DATASET_DEFAULTS.get(self.dataset, FALLBACK_DEFAULTS)
         config = RunConfig(**asdict(self))
-        config.num_particles = self.num_particles or particles
-        config.epochs = epochs if self.epochs is None else self.epochs
+        config.num_particles = self.num_particles or defaults.num_particles
+        config.epochs = defaults.epochs if self.epochs is None else self.epochs
+        config.batch_size = self.batch_size or defaults.batch_size
         dataset_name = Path(self.dataset).name
         model_name = Path(self.model).stem
         config.out = self.out or str(Path("runs") / dataset_name / model_name /

@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
     parser.add_argument("--epochs", type=int, help="default: the dataset's reference value")
     parser.add_argument("--num-particles", type=int,
                         help="Monte Carlo samples L (default: the dataset's reference value)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    parser.add_argument("--batch-size", type=int,
+                        help="images per SVI step (default: the dataset's; reference: 1)")
     parser.add_argument("--objective", default=DEFAULTS.objective, choices=OBJECTIVES)
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
     parser.add_argument("--views", type=int, default=DEFAULTS.views,
