@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip import ClipLoss
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from tqdm import tqdm
@@ -138,12 +139,13 @@ def pretrain_miniclip(
     bank_size: int = 40_000,
     lr: float = 1e-3,
     seed: int = 0,
-    num_threads: int = 2,
+    num_threads: int = 1,
 ) -> dict:
     """Contrastively pretrain MiniCLIP on the procedural world; return timing and accuracies.
 
     A bank of images (never showing a HELD_OUT combination) is rendered once; every step
     draws a batch from it with freshly phrased captions. Saves fp16 weights atomically.
+    Deterministic given the seed and the number of threads.
     """
     start = time.time()
     torch.manual_seed(seed)
@@ -175,7 +177,7 @@ def pretrain_miniclip(
         idx = rng.integers(bank_size, size=batch_size)
         tokens = tokenizer(world.captions(world.subset(scenes, idx), rng))
         image_features = model.encode_image(bank_t[idx], normalize=True)
-        text_features = torch.nn.functional.normalize(encode_text_truncated(model, tokens), dim=-1)
+        text_features = F.normalize(encode_text_truncated(model, tokens), dim=-1)
         loss = loss_fn(image_features, text_features, model.logit_scale.exp())
         optimizer.zero_grad()
         loss.backward()

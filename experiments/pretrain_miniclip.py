@@ -1,6 +1,6 @@
 """Pretrain MiniCLIP on the procedural world and report zero-shot accuracy.
 
-    PYTHONPATH=. python experiments/pretrain_miniclip.py --out bayesprompt/weights/miniclip.pt
+PYTHONPATH=. python experiments/pretrain_miniclip.py --out bayesprompt/weights/miniclip.pt
 """
 
 import argparse
@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--bank-size", type=int, default=40_000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
     metrics = pretrain_miniclip(
         out_path=args.out,

@@ -20,8 +20,18 @@ from dataclasses import dataclass
 import numpy as np
 
 SHAPES: tuple[str, ...] = (
-    "circle", "square", "triangle", "diamond", "star", "heart",
-    "cross", "ring", "hexagon", "crescent", "pentagon", "arrow",
+    "circle",
+    "square",
+    "triangle",
+    "diamond",
+    "star",
+    "heart",
+    "cross",
+    "ring",
+    "hexagon",
+    "crescent",
+    "pentagon",
+    "arrow",
 )
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (0.90, 0.10, 0.10),
@@ -38,12 +48,19 @@ COLORS: dict[str, tuple[float, float, float]] = {
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 SIZES: tuple[str, ...] = ("small", "medium", "large")
 SIZE_RADIUS: dict[str, tuple[float, float]] = {  # radius range, in units of half the image
-    "small": (0.30, 0.38), "medium": (0.42, 0.52), "large": (0.56, 0.68),
+    "small": (0.30, 0.38),
+    "medium": (0.42, 0.52),
+    "large": (0.56, 0.68),
 }
 BACKGROUNDS: tuple[str, ...] = ("plain", "stripes", "checker", "dots", "noise", "gradient", "grid")
 BACKGROUND_WORDS: dict[str, str] = {
-    "plain": "plain", "stripes": "striped", "checker": "checkered", "dots": "dotted",
-    "noise": "noisy", "gradient": "gradient", "grid": "grid",
+    "plain": "plain",
+    "stripes": "striped",
+    "checker": "checkered",
+    "dots": "dotted",
+    "noise": "noisy",
+    "gradient": "gradient",
+    "grid": "grid",
 }
 STYLES: tuple[str, ...] = ("photo", "sketch", "noise", "recolor")
 
@@ -202,8 +219,9 @@ SHAPE_MASKS = {
     "diamond": lambda u, v: np.abs(u) + np.abs(v) <= 0.98,
     "star": _star,
     "heart": _heart,
-    "cross": lambda u, v: ((np.abs(u) < 0.3) & (np.abs(v) < 0.95))
-    | ((np.abs(v) < 0.3) & (np.abs(u) < 0.95)),
+    "cross": lambda u, v: (
+        ((np.abs(u) < 0.3) & (np.abs(v) < 0.95)) | ((np.abs(v) < 0.3) & (np.abs(u) < 0.95))
+    ),
     "ring": lambda u, v: (np.hypot(u, v) <= 0.95) & (np.hypot(u, v) >= 0.55),
     "hexagon": lambda u, v: _polygon(u, v, 6),
     "crescent": lambda u, v: (np.hypot(u, v) <= 0.95) & (np.hypot(u - 0.45, v) >= 0.75),
