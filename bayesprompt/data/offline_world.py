@@ -1,0 +1,139 @@
+"""Downstream datasets of the procedural world, written to disk in CoOp's format.
+
+Layout of each dataset NAME under a root folder::
+
+    ROOT/NAME/images/<class_folder>/<file>.png
+    ROOT/NAME/split.json    {"train": [[relative_path, label, classname], ...], "val", "test"}
+    ROOT/NAME/dataset.json  {"name": NAME, "template": "a photo of a {}.", "classnames": [...]}
+
+Datasets are generated deterministically on first use (a few seconds each) and written
+atomically: a hidden temporary folder is filled, then renamed to ROOT/NAME.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from bayesprompt.data import procedural as world
+
+TEMPLATE = "a photo of a {}."
+SPLIT_SIZES = {"train": 40, "val": 10, "test": 50}  # images per class
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Classes as (colour, shape) pairs in label order, the nuisance domain and a seed."""
+
+    classes: tuple[tuple[str, str], ...]
+    domain: world.Domain
+    seed: int
+
+
+def _pairs(names: str) -> tuple[tuple[str, str], ...]:
+    """'red circle, blue square' -> (('red', 'circle'), ('blue', 'square'))."""
+    return tuple(tuple(name.split()) for name in names.split(", "))
+
+
+# Base classes (first half of the labels) are combinations seen in pretraining. The new half
+# mixes six combinations held out of pretraining (world.HELD_OUT) with six seen ones.
+MINIWORLD_CLASSES = _pairs(
+    "red circle, blue square, yellow triangle, green diamond, purple star, orange heart, "
+    "cyan cross, pink ring, blue circle, red square, green triangle, yellow diamond, "
+    "green circle, orange square, cyan triangle, red diamond, yellow star, pink heart, "
+    "purple circle, yellow square, red star, blue heart, green cross, orange ring"
+)
+# Other shapes and colours; four of its 20 classes are held out of pretraining.
+MINIWORLD_B_CLASSES = tuple(
+    (color, shape)
+    for shape in ("hexagon", "crescent", "pentagon", "arrow")
+    for color in ("purple", "brown", "green", "orange", "white")
+)
+
+
+def _styled(style: str) -> world.Domain:
+    return replace(world.DOWNSTREAM_DOMAIN, style_probs=((style, 1.0),))
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "miniworld": DatasetSpec(MINIWORLD_CLASSES, world.DOWNSTREAM_DOMAIN, seed=100),
+    "miniworld_b": DatasetSpec(MINIWORLD_B_CLASSES, world.DOWNSTREAM_DOMAIN, seed=200),
+    "miniworld_sketch": DatasetSpec(MINIWORLD_CLASSES, _styled("sketch"), seed=300),
+    "miniworld_noise": DatasetSpec(MINIWORLD_CLASSES, _styled("noise"), seed=400),
+    "miniworld_recolor": DatasetSpec(MINIWORLD_CLASSES, _styled("recolor"), seed=500),
+}
+
+
+def default_data_root() -> Path:
+    """Default root of the offline datasets: $BAYESPROMPT_DATA or ~/.cache/bayesprompt/data."""
+    default = Path.home() / ".cache" / "bayesprompt" / "data"
+    return Path(os.environ.get("BAYESPROMPT_DATA", default))
+
+
+def classnames(name: str) -> list[str]:
+    """Class names of dataset `name` in label order, as they appear in prompts."""
+    return [f"{color} {shape}" for color, shape in DATASETS[name].classes]
+
+
+def _write_images(spec: DatasetSpec, folder: Path) -> dict[str, list]:
+    """Render every split into folder/images and return the split entries."""
+    rng = np.random.default_rng(spec.seed)
+    names = [f"{c} {s}" for c, s in spec.classes]
+    for cname in names:
+        (folder / "images" / cname.replace(" ", "_")).mkdir(parents=True)
+    split = {}
+    for part, per_class in SPLIT_SIZES.items():
+        labels = np.repeat(np.arange(len(names)), per_class)
+        scenes = world.sample_scenes(rng, len(labels), list(spec.classes), spec.domain, labels)
+        images, _ = world.render(scenes, rng)
+        entries = []
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            rel = f"{names[label].replace(' ', '_')}/{part}_{i:05d}.png"
+            Image.fromarray(image).save(folder / "images" / rel)
+            entries.append([rel, int(label), names[label]])
+        split[part] = entries
+    return split
+
+
+def write_offline_dataset(name: str, root: Path | str | None = None) -> Path:
+    """Write dataset `name` under root (default_data_root()) unless present; return its folder."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown offline dataset {name!r}; choose from {sorted(DATASETS)}")
+    root = Path(root) if root is not None else default_data_root()
+    target = root / name
+    if (target / "dataset.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
+    try:
+        split = _write_images(DATASETS[name], tmp)
+        (tmp / "split.json").write_text(json.dumps(split))
+        meta = {"name": name, "template": TEMPLATE, "classnames": classnames(name)}
+        (tmp / "dataset.json").write_text(json.dumps(meta, indent=1))
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "dataset.json").exists():  # not a concurrent writer that won
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def write_all_offline_datasets(root: Path | str | None = None) -> list[Path]:
+    """Write every offline dataset (idempotent), with a progress bar."""
+    return [write_offline_dataset(n, root) for n in tqdm(DATASETS, desc="offline datasets")]
+
+
+def read_split(folder: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, H, W, 3) uint8 and labels (N,) of one split of a written dataset."""
+    entries = json.loads((folder / "split.json").read_text())[part]
+    images = np.stack([np.asarray(Image.open(folder / "images" / rel)) for rel, _, _ in entries])
+    return images, np.array([label for _, label, _ in entries])
