@@ -22,11 +22,14 @@ from open_clip.transformer import TextTransformer
 from torch import nn
 
 from bayesprompt.errors import UserError
+from bayesprompt.miniclip import MODEL_NAME as MINICLIP
+from bayesprompt.miniclip import ensure_miniclip, register_miniclip
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-#: Backbones whose weights the project provides itself: name -> function giving a local file.
-EMBEDDED_WEIGHTS: dict[str, Callable[[], Path]] = {}
+#: Backbones the project provides itself: name -> function that registers the open_clip config
+#: and returns the local weights file (MiniCLIP, pretrained offline on the procedural world).
+EMBEDDED_WEIGHTS: dict[str, Callable[[], Path]] = {MINICLIP: ensure_miniclip}
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,8 @@ def _model_name(backbone: str) -> str:
             )
         open_clip.add_model_config(path)
         return path.stem
+    if backbone == MINICLIP:
+        register_miniclip()
     if backbone not in open_clip.list_models():
         known = ", ".join(m for m in open_clip.list_models() if m.startswith(("ViT-B", "RN50")))
         raise UserError(

@@ -21,9 +21,12 @@ import torch
 from bayesprompt.clip import FrozenCLIP, load_clip
 from bayesprompt.data.datasets import Dataset, load_dataset
 from bayesprompt.data.features import cached_features
+from bayesprompt.data.offline_world import DATASETS as OFFLINE_DATASETS
+from bayesprompt.data.offline_world import default_data_root
 from bayesprompt.data.splits import few_shot, subsample_classes
 from bayesprompt.errors import UserError
 from bayesprompt.infer import TrainConfig, load_checkpoint, predictive_probs, train
+from bayesprompt.miniclip import cache_dir
 from bayesprompt.prompt_model import PromptConfig, PromptModel
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -46,6 +49,8 @@ DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
         "imagenet": (10, 10),
     }.items()
 }
+#: The offline world: small enough that the default run takes minutes on two CPU cores.
+DATASET_DEFAULTS.update({name: DatasetDefaults(10, 10, 16) for name in OFFLINE_DATASETS})
 FALLBACK_DEFAULTS = DatasetDefaults(10, 10)
 
 
@@ -53,11 +58,11 @@ FALLBACK_DEFAULTS = DatasetDefaults(10, 10)
 class RunConfig:
     """Every option of a run; None means 'the dataset's or model's default'."""
 
-    dataset: str = "eurosat"
-    root: str = "~/.cache/bayesprompt/data"
+    dataset: str = "miniworld"
+    root: str = str(default_data_root())
     model: str = "vpt_cond"
-    backbone: str = "ViT-B-16"
-    pretrained: str | None = "openai"
+    backbone: str = "MiniCLIP"
+    pretrained: str | None = None
     shots: int = 16
     seed: int = 1
     subsample: str = "base"
@@ -75,7 +80,7 @@ class RunConfig:
     device: str = "cpu"
     precision: str = "fp32"
     eval_batch_size: int = 64
-    cache_dir: str = "~/.cache/bayesprompt"
+    cache_dir: str = str(cache_dir())
     out: str | None = None
 
     def resolved(self) -> RunConfig:

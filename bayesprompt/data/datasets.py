@@ -12,8 +12,11 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+from bayesprompt.data.offline_world import DATASETS as OFFLINE_DATASETS
+from bayesprompt.data.offline_world import write_offline_dataset
 from bayesprompt.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -91,8 +94,10 @@ REGISTRY: dict[str, DatasetSpec] = {
                               reader="imagenet_variant", ignored=("README.txt",)),
 }
 
-#: Datasets the project generates itself on first use: name -> writer(root) -> folder.
-GENERATED: dict[str, Callable[[Path], Path]] = {}
+#: Datasets the project generates itself on first use (the offline world): name -> writer.
+GENERATED: dict[str, Callable[[Path], Path]] = {
+    name: partial(write_offline_dataset, name) for name in OFFLINE_DATASETS
+}
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
