@@ -163,6 +163,7 @@ def pretrain_miniclip(
     """
     start = time.time()
     torch.manual_seed(seed)
+    caller_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     register_miniclip()
     rng = np.random.default_rng(seed)
@@ -202,6 +203,7 @@ def pretrain_miniclip(
             model.logit_scale.clamp_(0, math.log(100))
         bar.set_postfix(loss=f"{loss.item():.3f}")
     train_seconds = time.time() - start
+    torch.set_num_threads(caller_threads)
 
     metrics = {"train_seconds": train_seconds, **evaluate_pretraining(model, seed)}
     if out_path is not None:
