@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,7 @@ def evaluate_pretraining(model: open_clip.CLIP, seed: int, per_combo: int = 20) 
     """Zero-shot accuracy on fresh pretraining-domain photos: seen and held-out combos."""
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
     rng = np.random.default_rng(seed + 1)
-    domain = world.Domain(**{**vars(world.PRETRAIN_DOMAIN), "style_probs": (("photo", 1.0),)})
+    domain = replace(world.PRETRAIN_DOMAIN, style_probs=(("photo", 1.0),))
     seen, held = world.pretraining_combos(), list(world.HELD_OUT)
     everything = seen + held
 
