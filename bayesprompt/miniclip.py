@@ -16,13 +16,13 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip import ClipLoss
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from tqdm import tqdm
 
@@ -113,7 +113,7 @@ def evaluate_pretraining(model: open_clip.CLIP, seed: int, per_combo: int = 20) 
     """Zero-shot accuracy on fresh pretraining-domain photos: seen and held-out combos."""
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
     rng = np.random.default_rng(seed + 1)
-    domain = world.Domain(**{**vars(world.PRETRAIN_DOMAIN), "style_probs": (("photo", 1.0),)})
+    domain = replace(world.PRETRAIN_DOMAIN, style_probs=(("photo", 1.0),))
     seen, held = world.pretraining_combos(), list(world.HELD_OUT)
     everything = seen + held
 
@@ -132,10 +132,25 @@ def evaluate_pretraining(model: open_clip.CLIP, seed: int, per_combo: int = 20) 
     }
 
 
+def contrastive_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    groups: torch.Tensor,
+) -> torch.Tensor:
+    """Symmetric CLIP loss of normalised features (B, D) with targets spread evenly over the
+    pairs of the same group (B,), so that two images of a red star are not negatives.
+    """
+    logits = logit_scale * image_features @ text_features.T
+    same = (groups[:, None] == groups[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
 def pretrain_miniclip(
     out_path: Path | None = None,
-    steps: int = 800,
-    batch_size: int = 256,
+    steps: int = 1600,
+    batch_size: int = 128,
     bank_size: int = 40_000,
     lr: float = 1e-3,
     seed: int = 0,
@@ -149,6 +164,7 @@ def pretrain_miniclip(
     """
     start = time.time()
     torch.manual_seed(seed)
+    caller_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     register_miniclip()
     rng = np.random.default_rng(seed)
@@ -170,7 +186,7 @@ def pretrain_miniclip(
         optimizer,
         lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * s / steps)),
     )
-    loss_fn = ClipLoss()
+    combo_id = torch.from_numpy(scenes.color * len(world.SHAPES) + scenes.shape)
     model.train()
     bar = tqdm(range(steps), desc="pretrain MiniCLIP")
     for _ in bar:
@@ -178,7 +194,8 @@ def pretrain_miniclip(
         tokens = tokenizer(world.captions(world.subset(scenes, idx), rng))
         image_features = model.encode_image(bank_t[idx], normalize=True)
         text_features = F.normalize(encode_text_truncated(model, tokens), dim=-1)
-        loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+        logit_scale = model.logit_scale.exp()
+        loss = contrastive_loss(image_features, text_features, logit_scale, combo_id[idx])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -187,6 +204,7 @@ def pretrain_miniclip(
             model.logit_scale.clamp_(0, math.log(100))
         bar.set_postfix(loss=f"{loss.item():.3f}")
     train_seconds = time.time() - start
+    torch.set_num_threads(caller_threads)
 
     metrics = {"train_seconds": train_seconds, **evaluate_pretraining(model, seed)}
     if out_path is not None:

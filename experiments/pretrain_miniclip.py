@@ -13,8 +13,8 @@ from bayesprompt.miniclip import PACKAGED_WEIGHTS, pretrain_miniclip
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=PACKAGED_WEIGHTS, help="fp16 weights file")
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--bank-size", type=int, default=40_000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
