@@ -40,9 +40,12 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
     parser.add_argument("--batch-size", type=int,
                         help="images per SVI step (default: the dataset's; reference: 1)")
     parser.add_argument("--objective", default=DEFAULTS.objective, choices=OBJECTIVES)
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    parser.add_argument("--lr", type=float,
+                        help="SGD learning rate (default: the dataset's; reference: 0.002)")
     parser.add_argument("--views", type=int, default=DEFAULTS.views,
                         help="cached augmented views per training image (0: no augmentation)")
+    parser.add_argument("--crop-min-scale", type=float,
+                        help="smallest random crop, fraction of the area (reference: 0.08)")
     parser.add_argument("--n-ctx", type=int, default=DEFAULTS.n_ctx)
     parser.add_argument("--ctx-init", default=DEFAULTS.ctx_init,
                         help="words that initialise the context ('' for N(0, 0.02))")

@@ -1,9 +1,10 @@
 """Frozen image features, computed once per (image, augmentation view) and cached on disk.
 
 View 0 is the test transform (resize, centre crop). Views 1..K are the reference's training
-augmentation (random resized crop with scale (0.08, 1), horizontal flip), each drawn from its
-own seed so a view is the same image every time. The cache key covers the backbone and its
-weights, the transform, the dataset and the exact list of images.
+augmentation (random resized crop with scale (min_scale, 1), min_scale 0.08 in the reference,
+and a horizontal flip), each drawn from its own seed so a view is the same image every time.
+The cache key covers the backbone and its weights, the transform, the dataset and the exact
+list of images.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from bayesprompt.data.datasets import Item
 from bayesprompt.errors import UserError
 
 
-def image_transform(clip: FrozenCLIP, augment: bool) -> v2.Compose:
+def image_transform(clip: FrozenCLIP, augment: bool, min_scale: float = 0.08) -> v2.Compose:
     """PIL image -> normalised (3, S, S) tensor; with `augment`, the training augmentation."""
     stats = clip.image_stats
     interpolation = v2.InterpolationMode(stats.interpolation)
     if augment:
-        geometry = [v2.RandomResizedCrop(stats.size, scale=(0.08, 1.0),
+        geometry = [v2.RandomResizedCrop(stats.size, scale=(min_scale, 1.0),
                                          interpolation=interpolation),
                     v2.RandomHorizontalFlip()]
     else:
@@ -50,10 +51,12 @@ def load_image(path: Path) -> Image.Image:
         ) from None
 
 
-def cache_key(clip: FrozenCLIP, items: list[Item], view: int, seed: int) -> str:
+def cache_key(clip: FrozenCLIP, items: list[Item], view: int, seed: int, min_scale: float
+              ) -> str:
     """A hash of everything the features depend on."""
+    transform = image_transform(clip, view > 0, min_scale)
     description = {
-        "clip": clip.identity, "transform": repr(image_transform(clip, augment=view > 0)),
+        "clip": clip.identity, "transform": repr(transform),
         "view": view, "seed": seed,
         "images": hashlib.sha1("\n".join(str(i.path) for i in items).encode()).hexdigest(),
     }
@@ -61,9 +64,9 @@ def cache_key(clip: FrozenCLIP, items: list[Item], view: int, seed: int) -> str:
 
 
 def encode_items(clip: FrozenCLIP, items: list[Item], view: int, seed: int,
-                 batch_size: int = 64) -> torch.Tensor:
+                 min_scale: float = 0.08, batch_size: int = 64) -> torch.Tensor:
     """Image features (N, D) of `items` under view `view` (0: test transform)."""
-    transform = image_transform(clip, augment=view > 0)
+    transform = image_transform(clip, view > 0, min_scale)
     chunks = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1000 + view)
@@ -75,16 +78,19 @@ def encode_items(clip: FrozenCLIP, items: list[Item], view: int, seed: int,
 
 
 def cached_features(clip: FrozenCLIP, items: list[Item], views: list[int], cache_dir: Path,
-                    seed: int = 0) -> torch.Tensor:
-    """Features (V, N, D) for the given views, read from `cache_dir` or computed and stored."""
+                    seed: int = 0, min_scale: float = 0.08) -> torch.Tensor:
+    """Features (V, N, D) for the given views, read from `cache_dir` or computed and stored.
+
+    `min_scale` is the smallest crop (fraction of the image area) of the augmented views.
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
     result = []
     for view in views:
-        path = cache_dir / f"{cache_key(clip, items, view, seed)}.pt"
+        path = cache_dir / f"{cache_key(clip, items, view, seed, min_scale)}.pt"
         if path.is_file():
             result.append(torch.load(path, map_location="cpu"))
             continue
-        features = encode_items(clip, items, view, seed)
+        features = encode_items(clip, items, view, seed, min_scale)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(features, tmp)
         os.replace(tmp, path)
