@@ -89,10 +89,8 @@ def test_held_out_combinations_never_drawn_in_pretraining():
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("offline")
-    offline_world.write_all_offline_datasets(root)
-    return root
+def data_root(offline_root):
+    return offline_root
 
 
 def test_writer_produces_valid_coop_split(data_root):
