@@ -157,3 +157,15 @@ def test_miniclip_zero_shot_beats_chance_on_base_and_new(miniclip, data_root):
             model, tokenizer, images[keep], labels[keep] - half[0], names, meta["template"]
         )
         assert acc >= 5 / len(half), acc
+
+
+def test_an_older_world_is_rebuilt(tmp_path):
+    folder = offline_world.write_offline_dataset("miniworld_b", tmp_path)
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["version"] == offline_world.WORLD_VERSION
+    del meta["version"]  # a dataset written before versions existed
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    (folder / "stale.txt").write_text("from the old world")
+    assert offline_world.write_offline_dataset("miniworld_b", tmp_path) == folder
+    assert not (folder / "stale.txt").exists()
+    assert json.loads((folder / "dataset.json").read_text())["version"] == 2

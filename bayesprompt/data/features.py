@@ -58,9 +58,19 @@ def cache_key(clip: FrozenCLIP, items: list[Item], view: int, seed: int, min_sca
     description = {
         "clip": clip.identity, "transform": repr(transform),
         "view": view, "seed": seed,
-        "images": hashlib.sha1("\n".join(str(i.path) for i in items).encode()).hexdigest(),
+        "images": hashlib.sha1("\n".join(_file_identity(i.path) for i in items).encode()
+                               ).hexdigest(),
     }
     return hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _file_identity(path: Path) -> str:
+    """Path, size and modification time: a rewritten image gets a new cache key."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return str(path)  # reported by load_image when the features are computed
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def encode_items(clip: FrozenCLIP, items: list[Item], view: int, seed: int,

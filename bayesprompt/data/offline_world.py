@@ -26,6 +26,8 @@ from tqdm import tqdm
 from bayesprompt.data import procedural as world
 
 TEMPLATE = "a photo of a {}."
+#: Bumped whenever the rendering of the downstream datasets changes: older copies are rebuilt.
+WORLD_VERSION = 2
 SPLIT_SIZES = {"train": 40, "val": 10, "test": 50}  # images per class
 
 
@@ -109,22 +111,33 @@ def write_offline_dataset(name: str, root: Path | str | None = None) -> Path:
         raise ValueError(f"unknown offline dataset {name!r}; choose from {sorted(DATASETS)}")
     root = Path(root) if root is not None else default_data_root()
     target = root / name
-    if (target / "dataset.json").exists():
+    if _version(target) == WORLD_VERSION:
         return target
+    if target.exists():  # an older world: move it aside first, so no mix of versions is read
+        stale = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-stale-"))
+        os.rename(target, stale / name)
+        shutil.rmtree(stale, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
     try:
         split = _write_images(DATASETS[name], tmp)
         (tmp / "split.json").write_text(json.dumps(split))
-        meta = {"name": name, "template": TEMPLATE, "classnames": classnames(name)}
+        meta = {"name": name, "template": TEMPLATE, "classnames": classnames(name),
+                "version": WORLD_VERSION}
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=1))
         os.rename(tmp, target)
     except OSError:
-        if not (target / "dataset.json").exists():  # not a concurrent writer that won
+        if _version(target) != WORLD_VERSION:  # not a concurrent writer that won
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _version(folder: Path) -> int | None:
+    """The world version a written dataset folder holds, None when absent or incomplete."""
+    meta = folder / "dataset.json"
+    return json.loads(meta.read_text()).get("version", 1) if meta.is_file() else None
 
 
 def write_all_offline_datasets(root: Path | str | None = None) -> list[Path]:

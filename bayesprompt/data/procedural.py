@@ -101,11 +101,11 @@ PRETRAIN_DOMAIN = Domain(
 # stronger colour jitter and a mild blur.
 DOWNSTREAM_DOMAIN = Domain(
     backgrounds=("noise", "gradient", "grid"),
-    bg_brightness=(0.20, 0.50),
+    bg_brightness=(0.35, 0.65),
     sizes=("medium", "large"),
-    color_jitter=0.08,
-    pixel_noise=(0.02, 0.06),
-    blur=0.6,
+    color_jitter=0.15,
+    pixel_noise=(0.04, 0.10),
+    blur=1.0,
 )
 
 
