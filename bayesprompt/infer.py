@@ -76,6 +76,8 @@ def paper_objective(program: PromptModel, num_particles: int) -> Objective:
 
     Per image: -(logsumexp_l log p(y | x, r_l) - log L) + 0.001 * KL(q || p) averaged over the
     context dimension. Point-estimate (Delta) sites add no KL term, as in CoOp's cross-entropy.
+    Other observed sites (`pyro.factor` terms of a model file, e.g. E2MIM's) enter with their
+    mean over particles and images.
     """
 
     def loss(features: torch.Tensor, labels: torch.Tensor, dataset_size: int) -> torch.Tensor:
@@ -91,7 +93,11 @@ def paper_objective(program: PromptModel, num_particles: int) -> Objective:
                 continue
             prior = model_trace.nodes[name]["fn"]
             kl = kl + (kl_divergence(posterior, prior) / posterior.event_shape.numel()).mean()
-        return nll.mean() + PAPER_KL_WEIGHT * kl
+        factors = sum((-site["fn"].log_prob(site["value"]).mean()
+                       for name, site in model_trace.nodes.items()
+                       if site["type"] == "sample" and site["is_observed"] and name != "y"),
+                      torch.zeros((), device=features.device))
+        return nll.mean() + PAPER_KL_WEIGHT * kl + factors
 
     return loss
 

@@ -13,6 +13,7 @@ from test_models import CLASSES, separable_features
 import bayesprompt.infer as infer
 from bayesprompt.errors import UserError
 from bayesprompt.infer import TrainConfig, paper_objective, train
+from bayesprompt.priors import isotropic_normal
 from bayesprompt.prompt_model import PromptConfig
 from bayesprompt.runs import load_model_class
 
@@ -94,3 +95,22 @@ def test_resume_gives_the_same_parameters(tiny_clip, tmp_path, monkeypatch) -> N
     with pytest.raises(UserError, match="belongs to another run.*classnames"):
         train(fresh_program(), features, labels, config, tmp_path / "b.pt",
               {"model": "vpt_cond", "classnames": ["a", "b", "c", "d"]}, resume=True)
+
+
+def test_paper_objective_keeps_factor_terms(tiny_clip) -> None:
+    pyro.clear_param_store()
+    coop = load_model_class("coop")
+    features, labels = separable_features(tiny_clip, per_class=2)
+
+    class WithBonus(coop):
+        def model(self, image_features, labels=None, dataset_size=None):
+            ctx = pyro.sample("ctx", isotropic_normal(torch.zeros_like(self.init_ctx), 1.0, 2))
+            logits = self.class_logits(image_features, self.text_features(ctx))
+            with self.images(image_features, dataset_size):
+                pyro.sample("y", pyro.distributions.Categorical(logits=logits), obs=labels)
+                pyro.factor("bonus", torch.full((image_features.shape[0],), 0.25))
+
+    plain = paper_objective(coop(tiny_clip, CLASSES, PromptConfig()), 1)
+    bonus = paper_objective(WithBonus(tiny_clip, CLASSES, PromptConfig()), 1)
+    torch.testing.assert_close(bonus(features[0], labels, 100),
+                               plain(features[0], labels, 100) - 0.25)
