@@ -27,6 +27,7 @@ class PromptConfig:
     ctx_init: str = "a photo of a"
     kl_weight: float = 1.0
     prior_scale: float = 1.0
+    residual_scale: float = 1.0
     template: str = "a photo of a {}."
     options: dict = field(default_factory=dict)
 
@@ -58,6 +59,14 @@ class PromptModel(nn.Module):
     def ctx_dim(self) -> int:
         """W, the width of a context vector."""
         return self.clip.embed_dim
+
+    def residual(self, r: torch.Tensor) -> torch.Tensor:
+        """A standardised residual r (..., W) -> the shift of every context token (..., 1, W).
+
+        `residual_scale` s puts r ~ N(0, I) on the scale of token embeddings (s = 1 in the
+        reference implementation; CLIP's token embeddings have a standard deviation near 0.02).
+        """
+        return self.config.residual_scale * r.unsqueeze(-2)
 
     def text_features(self, context: torch.Tensor) -> torch.Tensor:
         """Context (..., n_ctx, W) -> unit-norm class text features (..., C, D)."""

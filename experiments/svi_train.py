@@ -50,7 +50,11 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
     parser.add_argument("--ctx-init", default=DEFAULTS.ctx_init,
                         help="words that initialise the context ('' for N(0, 0.02))")
     parser.add_argument("--kl-weight", type=float, default=DEFAULTS.kl_weight)
-    parser.add_argument("--prior-scale", type=float, default=DEFAULTS.prior_scale)
+    parser.add_argument("--prior-scale", type=float, default=DEFAULTS.prior_scale,
+                        help="scale of the N(0, s^2 I) prior of point-estimate contexts")
+    parser.add_argument("--residual-scale", type=float,
+                        help="residual = s * r, r ~ N(0, I), in vpt models (default: the "
+                        "dataset's; reference: 1)")
     parser.add_argument("--set", dest="options", action="append", default=[],
                         metavar="KEY=VALUE", help="a model file's own option (repeatable)")
     parser.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size)

@@ -34,7 +34,7 @@ class E2MIMVPT(DualViewModel):
         with self.images(image_features, dataset_size):
             with poutine.scale(scale=self.config.kl_weight):
                 r = pyro.sample("r", standard_normal((self.ctx_dim,), ctx.device))  # (..., B, W)
-            text = self.text_features(ctx + with_mixed(r, mix).unsqueeze(-2))  # (..., B+M, C, D)
+            text = self.text_features(ctx + self.residual(with_mixed(r, mix)))  # (..., B+M, C, D)
             logits = self.class_logits(features, text)                  # (..., B + M, C)
             self.observe(features, labels, logits, mix)
 

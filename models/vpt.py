@@ -3,7 +3,7 @@
 One residual r shifts every context token; its posterior is a global diagonal Gaussian.
 ctx    : learned base context, a parameter                   (n_ctx, W)
 r      ~ N(0, I)                                             (W,)
-y_i    ~ Categorical(softmax(tau * f_i . g_c(ctx + r)))
+y_i    ~ Categorical(softmax(tau * f_i . g_c(ctx + s r)))   s = residual_scale (1: reference)
 guide  : r ~ N(r_loc, exp(r_log_var)), r_loc = 0 and r_log_var ~ U(0, 1) at start (as the
          reference implementation).
 """
@@ -25,7 +25,7 @@ class VPT(PromptModel):
         ctx = pyro.param("ctx", self.init_ctx.clone())                  # (n_ctx, W)
         with poutine.scale(scale=self.config.kl_weight):
             r = pyro.sample("r", standard_normal((self.ctx_dim,), ctx.device))  # (..., W)
-        text = self.text_features(ctx + r.unsqueeze(-2))                 # (..., C, D)
+        text = self.text_features(ctx + self.residual(r))               # (..., C, D)
         logits = self.class_logits(image_features, text)                 # (..., B, C)
         with self.images(image_features, dataset_size):
             pyro.sample("y", dist.Categorical(logits=logits), obs=labels)

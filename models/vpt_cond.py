@@ -3,7 +3,7 @@
 Each image has its own residual r_i; the guide is amortized on the image feature.
 ctx    : learned base context, a parameter                   (n_ctx, W)
 r_i    ~ N(0, I)                                             (W,) per image, in the data plate
-y_i    ~ Categorical(softmax(tau * f_i . g_c(ctx + r_i)))
+y_i    ~ Categorical(softmax(tau * f_i . g_c(ctx + s r_i)))  s = residual_scale (1: reference)
 guide  : r_i ~ N(mean(f_i), exp(log_var(f_i))), each head Linear(D, D/2), ELU,
          Linear(D/2, D/2), ELU, Linear(D/2, W).
 """
@@ -29,7 +29,7 @@ class ConditionalVPT(PromptModel):
         with self.images(image_features, dataset_size):
             with poutine.scale(scale=self.config.kl_weight):
                 r = pyro.sample("r", standard_normal((self.ctx_dim,), ctx.device))  # (..., B, W)
-            text = self.text_features(ctx + r.unsqueeze(-2))             # (..., B, C, D)
+            text = self.text_features(ctx + self.residual(r))           # (..., B, C, D)
             logits = self.class_logits(image_features, text)             # (..., B, C)
             pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
 
