@@ -90,6 +90,7 @@ class RunConfig:
     device: str = "cpu"
     precision: str = "fp32"
     eval_batch_size: int = 64
+    eval_on: list[str] = field(default_factory=list)
     cache_dir: str = str(cache_dir())
     out: str | None = None
 
@@ -182,7 +183,11 @@ def write_json_atomic(obj: dict, path: Path) -> None:
 
 
 def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
-    """Train on the base (or all) classes, evaluate base and new; write the run folder."""
+    """Train on the base (or all) classes, evaluate base and new; write the run folder.
+
+    `eval_on` datasets are evaluated on all their classes (cross-dataset transfer, or domain
+    generalisation for a dataset with the same classes), as `transfer_acc`.
+    """
     config = config.resolved()
     load_model_class(config.model)  # an unknown model fails before anything is loaded
     out = Path(config.out)
@@ -217,9 +222,12 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
 
     base_acc, _, _ = evaluate(program, clip, base, config)
     new_acc = evaluate(program, clip, new, config)[0] if new is not None else None
+    transfer = {name: evaluate(program, clip, load_dataset(name, Path(config.root).expanduser()),
+                               config)[0] for name in config.eval_on}
     results = {
         "base_acc": base_acc, "new_acc": new_acc,
         "hm": harmonic_mean(base_acc, new_acc) if new_acc is not None else None,
+        "transfer_acc": transfer,
         "dataset": config.dataset, "model": config.model, "shots": config.shots,
         "seed": config.seed, "epochs": config.epochs, "num_particles": config.num_particles,
         "train_images": len(base.train), "train_seconds": round(train_seconds, 2),

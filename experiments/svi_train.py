@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
                         "dataset's; reference: 1)")
     parser.add_argument("--set", dest="options", action="append", default=[],
                         metavar="KEY=VALUE", help="a model file's own option (repeatable)")
+    parser.add_argument("--eval-on", nargs="+", default=[], metavar="DATASET",
+                        help="also evaluate on these datasets, all their classes (cross-dataset "
+                        "transfer, domain generalisation; use with --subsample all)")
     parser.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size)
     parser.add_argument("--cache-dir", default=DEFAULTS.cache_dir,
                         help="feature and few-shot cache")
@@ -77,6 +80,8 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
 def main(argv: list[str] | None = None) -> None:
     config, resume = parse_args(argv)
     results = train_and_evaluate(config, resume=resume)
+    for name, accuracy in results["transfer_acc"].items():
+        print(f"{name}: {accuracy:.2f}%")
     print(summary_line(results))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,14 @@ def test_real_process_exit_code_and_no_traceback(run_args: list[str]) -> None:
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2
     assert "Unknown model 'nope'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cross_dataset_and_domain_evaluation(run_args: list[str], tmp_path: Path,
+                                             eurosat_root: Path, capsys) -> None:
+    target = tmp_path / "target"
+    shutil.copytree(eurosat_root / "eurosat/2750", target / "images")
+    run_cli([*run_args, "--model", "coop", "--subsample", "all", "--eval-on", str(target)])
+    results = json.loads((tmp_path / "run/results.json").read_text())
+    assert set(results["transfer_acc"]) == {str(target)}
+    assert 0.0 <= results["transfer_acc"][str(target)] <= 100.0
+    assert f"{target}: " in capsys.readouterr().out
