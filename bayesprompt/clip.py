@@ -24,6 +24,7 @@ from torch import nn
 from bayesprompt.errors import UserError
 from bayesprompt.miniclip import MODEL_NAME as MINICLIP
 from bayesprompt.miniclip import ensure_miniclip, register_miniclip
+from bayesprompt.text_tower import causal_text_features
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -99,18 +100,9 @@ class FrozenCLIP(nn.Module):
         the prompts, so this equals `encode_text` on the full padded sequence.
         """
         *lead, n_prompts, length, width = embeddings.shape
-        x = embeddings.reshape(-1, length, width)
         eot = eot_index.to(self.device).expand(*lead, n_prompts).reshape(-1)
-        text = self.text
         with self.autocast():
-            x = x + text.positional_embedding[:length].to(x.dtype)
-            x = text.transformer(x, attn_mask=text.attn_mask[:length, :length])
-            x = text.ln_final(x)
-            x = x[torch.arange(x.shape[0], device=x.device), eot]
-            if isinstance(text.text_projection, nn.Linear):
-                x = text.text_projection(x)
-            elif text.text_projection is not None:
-                x = x @ text.text_projection
+            x = causal_text_features(self.text, embeddings.reshape(-1, length, width), eot)
         return F.normalize(x.float(), dim=-1).reshape(*lead, n_prompts, -1)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:

@@ -27,6 +27,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from tqdm import tqdm
 
 from bayesprompt.data import procedural as world
+from bayesprompt.text_tower import causal_text_features
 
 MODEL_NAME = "MiniCLIP"
 CONFIG_PATH = Path(__file__).parent / "configs" / "MiniCLIP.json"
@@ -59,14 +60,6 @@ def ensure_miniclip() -> Path:
     return path
 
 
-def load_miniclip(device: str | torch.device = "cpu") -> tuple[open_clip.CLIP, object]:
-    """Frozen pretrained MiniCLIP in eval mode, and its tokenizer."""
-    path = ensure_miniclip()
-    model = open_clip.create_model(MODEL_NAME, pretrained=str(path), device=device)
-    model.eval().requires_grad_(False)
-    return model, open_clip.get_tokenizer(MODEL_NAME)
-
-
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 images (N, H, W, 3) -> normalised float tensor (N, 3, H, W), as open_clip does."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
@@ -81,12 +74,9 @@ def encode_text_truncated(model: open_clip.CLIP, tokens: torch.Tensor) -> torch.
     L is one past the last end-of-text token in the batch. The text tower is causal and pools
     at the EOT token, so the result equals encode_text; it is just cheaper for short captions.
     """
-    length = int(tokens.argmax(dim=-1).max()) + 1
-    tokens = tokens[:, :length]
-    x = model.token_embedding(tokens) + model.positional_embedding[:length]
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)[torch.arange(len(tokens)), tokens.argmax(dim=-1)]
-    return x @ model.text_projection
+    eot = tokens.argmax(dim=-1)
+    tokens = tokens[:, :int(eot.max()) + 1]
+    return causal_text_features(model, model.token_embedding(tokens), eot)
 
 
 @torch.no_grad()
