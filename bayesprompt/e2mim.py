@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from functools import cached_property
 
 import pyro
 import pyro.distributions as dist
@@ -137,8 +138,9 @@ class DualViewModel(PromptModel):
             n_classes = len(classnames)
             self.critic = Critic(n_classes, n_classes, options.critic_hidden).to(clip.device)
 
-    @property
+    @cached_property
     def options(self) -> E2MIMOptions:
+        """The checked `--set` options, parsed once."""
         return E2MIMOptions.parse(self.config.options)
 
     def set_classes(self, classnames: list[str]) -> None:
