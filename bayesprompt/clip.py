@@ -8,8 +8,11 @@ frozen `FrozenCLIP` on the chosen device and precision, or a `UserError` that sa
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +20,13 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.factory import load_state_dict
 from open_clip.model import CLIP
 from open_clip.transformer import TextTransformer
 from torch import nn
 
 from bayesprompt.errors import UserError
+from bayesprompt.files import read_json
 from bayesprompt.miniclip import MODEL_NAME as MINICLIP
 from bayesprompt.miniclip import ensure_miniclip, register_miniclip
 from bayesprompt.text_tower import causal_text_features
@@ -144,6 +149,11 @@ def _feature_dim(projection: nn.Module | torch.Tensor | None, width: int) -> int
     return width if projection is None else int(projection.shape[-1])
 
 
+MODEL_CONFIG_FIELDS = ("embed_dim", "vision_cfg", "text_cfg")
+MODEL_CONFIG_HELP = ("an open_clip model config: a JSON object with 'embed_dim' (a number), "
+                     "'vision_cfg' and 'text_cfg' (objects), as in open_clip/model_configs/")
+
+
 def _model_name(backbone: str) -> str:
     """Register a model-config JSON file with open_clip and return its name; else `backbone`."""
     if backbone.endswith(".json"):
@@ -153,6 +163,7 @@ def _model_name(backbone: str) -> str:
                 f"No open_clip model config at '{path}'. Pass an existing JSON file with "
                 "'embed_dim', 'vision_cfg' and 'text_cfg' (see open_clip/model_configs/)."
             )
+        _check_model_config(read_json(path, MODEL_CONFIG_HELP), path)
         open_clip.add_model_config(path)
         return path.stem
     if backbone == MINICLIP:
@@ -164,6 +175,25 @@ def _model_name(backbone: str) -> str:
             "or the path of an open_clip model-config JSON file."
         )
     return backbone
+
+
+def _check_model_config(config: dict, path: Path) -> None:
+    """A UserError naming the missing or mistyped top-level fields of a model config."""
+    missing = [key for key in MODEL_CONFIG_FIELDS if key not in config]
+    mistyped = [key for key, kind in zip(MODEL_CONFIG_FIELDS, (int | float, dict, dict),
+                                         strict=True)
+                if key in config and not isinstance(config[key], kind)]
+    if missing or mistyped:
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"wrong type of {', '.join(mistyped)}"] if mistyped else [])
+        raise UserError(f"The backbone config {path} is incomplete ({'; '.join(problems)}): "
+                        f"it should be {MODEL_CONFIG_HELP}.")
+
+
+def config_digest(name: str) -> str:
+    """A short hash of the content of the model config open_clip builds `name` from."""
+    config = open_clip.get_model_config(name)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _check_pretrained(name: str, pretrained: str) -> None:
@@ -195,11 +225,8 @@ def load_clip(backbone: str, pretrained: str | None = None, device: str = "cpu",
     else:
         logging.warning("%s has random weights: zero-shot accuracy will be at chance.", name)
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # random init is the same in every process
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
-    except (RuntimeError, OSError, ValueError) as error:
+        model, preprocess = _create_model(name, pretrained, device, cache_dir)
+    except (*CHECKPOINT_ERRORS, TypeError) as error:
         if pretrained and not os.path.isfile(pretrained):
             raise UserError(
                 f"Could not obtain the '{pretrained}' weights of {name} ({error}). This "
@@ -207,11 +234,72 @@ def load_clip(backbone: str, pretrained: str | None = None, device: str = "cpu",
                 "(open_clip downloads it into ~/.cache/huggingface), copy the file here "
                 f"and pass --pretrained /path/to/checkpoint.bin."
             ) from None
-        raise UserError(f"Could not load {name} weights from '{pretrained}': {error}") from None
+        raise UserError(_load_problem(name, pretrained, device, error)) from None
     _causal_text_tower(model, name)  # before the tokenizer, which may need other packages
     stats = _image_stats(preprocess)
-    return FrozenCLIP(model, f"{name}:{_weights_identity(pretrained)}", stats,
+    identity = f"{name}:{config_digest(name)}:{_weights_identity(pretrained)}"
+    return FrozenCLIP(model, identity, stats,
                       open_clip.get_tokenizer(name), precision)
+
+
+#: What reading or loading a checkpoint file that does not fit raises, in open_clip or torch.
+CHECKPOINT_ERRORS = (RuntimeError, OSError, ValueError, KeyError, EOFError, AttributeError,
+                     StopIteration, pickle.UnpicklingError)
+
+
+def _create_model(name: str, pretrained: str | None, device: str, cache_dir: str | None
+                  ) -> tuple[nn.Module, Callable]:
+    """open_clip's model and validation transform; a random init is seeded (same everywhere)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
+    return model, preprocess
+
+
+def _load_problem(name: str, pretrained: str | None, device: str, error: Exception) -> str:
+    """Why building `name` with the weights file `pretrained` failed: config or checkpoint."""
+    if pretrained:
+        try:
+            model, _ = _create_model(name, None, device, None)
+        except (*CHECKPOINT_ERRORS, TypeError):
+            pass  # the config itself does not build
+        else:
+            return _checkpoint_problem(model, name, pretrained, error)
+    return (f"Could not build the model {name} from its config ({_first_line(error)}). Check "
+            f"the values of its fields: the config should be {MODEL_CONFIG_HELP}.")
+
+
+def _checkpoint_problem(model: nn.Module, name: str, checkpoint: str, error: Exception) -> str:
+    """Why `checkpoint` could not be loaded into `model`: unreadable, not weights, or misfit."""
+    try:
+        state_dict = load_state_dict(checkpoint, weights_only=True)
+    except CHECKPOINT_ERRORS as reading:
+        reason = (type(reading).__name__ if isinstance(reading, pickle.UnpicklingError)
+                  else _first_line(reading))  # torch's unpickling message advises unsafe loading
+        return (f"--pretrained {checkpoint} is not a PyTorch checkpoint that can be read "
+                f"({reason}). Pass a file saved with torch.save holding a CLIP "
+                "state dict (open_clip's .pt/.bin checkpoints), or an open_clip pretrained tag.")
+    if not isinstance(state_dict, dict) or not all(
+            isinstance(value, torch.Tensor) for value in state_dict.values()):
+        return (f"--pretrained {checkpoint} does not hold a state dict of tensors: it is not a "
+                "CLIP checkpoint. Pass the weights file of the backbone.")
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    resized = [key for key in expected
+               if key in state_dict and state_dict[key].shape != expected[key].shape]
+    first = (missing + unexpected + resized + [_first_line(error)])[0]
+    return (f"--pretrained {checkpoint} holds the weights of another architecture than {name}: "
+            f"{len(missing)} parameters missing, {len(unexpected)} unexpected and {len(resized)} "
+            f"of another shape (first: {first}). Pass the checkpoint trained for {name}, or the "
+            "--backbone the checkpoint was trained with.")
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error message, short enough for a one-paragraph UserError."""
+    text = str(error).strip().splitlines()
+    return (text[0][:200] if text else type(error).__name__)
 
 
 def _weights_identity(pretrained: str | None) -> str:

@@ -9,7 +9,6 @@ The frozen CLIP is never registered in the param store; only guide/prompt parame
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
 from bayesprompt.errors import UserError
+from bayesprompt.files import save_torch
 from bayesprompt.prompt_model import PromptModel
 
 #: Weight of the KL term of the reference implementation's objective.
@@ -117,13 +117,6 @@ def learning_rate(epoch: int, config: TrainConfig) -> float:
     return 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
 
 
-def save_atomic(obj: object, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path, identity: dict) -> dict:
     """Read a checkpoint, check it belongs to this run (`identity`), restore the param store."""
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -191,11 +184,10 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
             progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
         history.append(total / dataset_size)
         if checkpoint is not None:
-            save_atomic({"epoch": epoch + 1, "history": history, "identity": identity,
-                         "train_config": asdict(config),
-                         "param_store": pyro.get_param_store().get_state(),
-                         "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
-                        checkpoint)
+            save_torch(checkpoint, {
+                "epoch": epoch + 1, "history": history, "identity": identity,
+                "train_config": asdict(config), "param_store": pyro.get_param_store().get_state(),
+                "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()})
     progress.close()
     return history
 

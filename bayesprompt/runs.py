@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,6 +23,7 @@ from bayesprompt.data.offline_world import DATASETS as OFFLINE_DATASETS
 from bayesprompt.data.offline_world import default_data_root
 from bayesprompt.data.splits import few_shot, subsample_classes
 from bayesprompt.errors import UserError
+from bayesprompt.files import make_folder, read_json, write_json
 from bayesprompt.infer import TrainConfig, load_checkpoint, predictive_probs, train
 from bayesprompt.miniclip import cache_dir
 from bayesprompt.prompt_model import PromptConfig, PromptModel
@@ -176,10 +175,9 @@ def evaluate(program: PromptModel, clip: FrozenCLIP, dataset: Dataset, config: R
     return accuracy(probs, labels), probs, labels
 
 
-def write_json_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+#: What a run folder's config.json holds, for the message about a damaged one.
+RUN_CONFIG_FILE = ("the run's options as written by svi_train.py; restore the file, or train "
+                   "the run again into a new --out folder")
 
 
 def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
@@ -197,14 +195,14 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
             f"{out} already holds a run. Pass --resume to continue it, or another --out."
         )
     if resume and checkpoint.exists():
-        saved = json.loads((out / "config.json").read_text())
+        saved = read_json(out / "config.json", RUN_CONFIG_FILE)
         if saved != asdict(config):
             changed = sorted(k for k in saved if saved[k] != asdict(config).get(k))
             raise UserError(f"--resume with other options than the run in {out}: {changed}.")
     base, new = split_datasets(config)
     clip = load_clip(config.backbone, config.pretrained, config.device, config.precision)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(asdict(config), out / "config.json")
+    make_folder(out)
+    write_json(out / "config.json", asdict(config))
 
     pyro.set_rng_seed(config.seed)
     program = build_program(config, clip, base.classnames, base.template)
@@ -233,7 +231,7 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
         "train_images": len(base.train), "train_seconds": round(train_seconds, 2),
         "loss_history": history,
     }
-    write_json_atomic(results, out / "results.json")
+    write_json(out / "results.json", results)
     return results
 
 
@@ -249,7 +247,7 @@ def load_run(run_dir: Path, device: str | None = None
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a run folder: no config.json there.")
-    saved = json.loads(config_file.read_text())
+    saved = read_json(config_file, RUN_CONFIG_FILE)
     config = RunConfig(**{f.name: saved[f.name] for f in fields(RunConfig) if f.name in saved})
     if device:
         config.device = device

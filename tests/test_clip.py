@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_BACKBONE
 
-from bayesprompt.clip import FrozenCLIP, ImageStats, load_clip
+from bayesprompt.clip import FrozenCLIP, ImageStats, config_digest, load_clip
 from bayesprompt.errors import UserError
 
 PROMPTS = ["a photo of a cat.", "a centered satellite photo of Annual Crop Land.",
@@ -42,7 +42,7 @@ def test_encode_prompts_takes_leading_dimensions(tiny_clip) -> None:
 
 def test_model_config_json_goes_through_open_clip_registry(tiny_clip) -> None:
     assert "tiny_clip" in open_clip.list_models()
-    assert tiny_clip.identity == "tiny_clip:random-init"
+    assert tiny_clip.identity == f"tiny_clip:{config_digest('tiny_clip')}:random-init"
     assert tiny_clip.image_stats.size == 32
     assert all(not p.requires_grad for p in tiny_clip.parameters())
 

@@ -72,20 +72,20 @@ def test_resume_gives_the_same_parameters(tiny_clip, tmp_path, monkeypatch) -> N
     uninterrupted = train(fresh_program(), features, labels, config, tmp_path / "a.pt", identity)
     expected = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
 
-    save = infer.save_atomic
+    save = infer.save_torch
     calls = []
 
-    def save_then_crash(state, path):
-        save(state, path)
+    def save_then_crash(path, state):
+        save(path, state)
         calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(infer, "save_atomic", save_then_crash)
+    monkeypatch.setattr(infer, "save_torch", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train(fresh_program(), features, labels, config, tmp_path / "b.pt", identity)
     assert torch.load(tmp_path / "b.pt", weights_only=False)["epoch"] == 2
-    monkeypatch.setattr(infer, "save_atomic", save)
+    monkeypatch.setattr(infer, "save_torch", save)
     resumed = train(fresh_program(), features, labels, config, tmp_path / "b.pt", identity,
                     resume=True)
     assert resumed == pytest.approx(uninterrupted)

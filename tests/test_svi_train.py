@@ -54,19 +54,19 @@ def test_resume_continues_to_the_same_result(run_args: list[str], tmp_path: Path
         run_cli([*args, "--out", str(tmp_path / "full")])
     assert exit_info.value.code == 2
 
-    save, saved = infer.save_atomic, []
+    save, saved = infer.save_torch, []
 
-    def save_then_stop(state, path):
-        save(state, path)
+    def save_then_stop(path, state):
+        save(path, state)
         saved.append(path)
         if len(saved) == 2:
             raise KeyboardInterrupt  # the run is stopped after its second epoch
 
-    monkeypatch.setattr(infer, "save_atomic", save_then_stop)
+    monkeypatch.setattr(infer, "save_torch", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run_cli(args)
     assert not (tmp_path / "run/results.json").exists()
-    monkeypatch.setattr(infer, "save_atomic", save)
+    monkeypatch.setattr(infer, "save_torch", save)
     run_cli([*args, "--resume"])
     resumed = json.loads((tmp_path / "run/results.json").read_text())
     assert resumed["loss_history"] == full["loss_history"]

@@ -3,15 +3,20 @@
 View 0 is the test transform (resize, centre crop). Views 1..K are the reference's training
 augmentation (random resized crop with scale (min_scale, 1), min_scale 0.08 in the reference,
 and a horizontal flip), each drawn from its own seed so a view is the same image every time.
-The cache key covers the backbone and its weights, the transform, the dataset and the exact
-list of images.
+The cache key covers the backbone (its model config's content) and its weights, the transform,
+the dataset and the exact list of images. Each file carries the SHA-256 of its features and is
+checked against it and against the expected shape when read: a damaged file is reported and
+computed again, never used. Files are written with `bayesprompt.files` (atomic, unique
+temporary names), so processes that fill the same cache at once all succeed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -22,6 +27,10 @@ from tqdm.auto import tqdm
 from bayesprompt.clip import FrozenCLIP
 from bayesprompt.data.datasets import Item
 from bayesprompt.errors import UserError
+from bayesprompt.files import make_folder, save_torch
+
+#: Bumped when the layout of a cache file changes, so that older files are not read.
+CACHE_FORMAT = 2
 
 
 def image_transform(clip: FrozenCLIP, augment: bool, min_scale: float = 0.08) -> v2.Compose:
@@ -56,7 +65,7 @@ def cache_key(clip: FrozenCLIP, items: list[Item], view: int, seed: int, min_sca
     """A hash of everything the features depend on."""
     transform = image_transform(clip, view > 0, min_scale)
     description = {
-        "clip": clip.identity, "transform": repr(transform),
+        "format": CACHE_FORMAT, "clip": clip.identity, "transform": repr(transform),
         "view": view, "seed": seed,
         "images": hashlib.sha1("\n".join(_file_identity(i.path) for i in items).encode()
                                ).hexdigest(),
@@ -93,16 +102,38 @@ def cached_features(clip: FrozenCLIP, items: list[Item], views: list[int], cache
 
     `min_scale` is the smallest crop (fraction of the image area) of the augmented views.
     """
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(cache_dir)
     result = []
     for view in views:
         path = cache_dir / f"{cache_key(clip, items, view, seed, min_scale)}.pt"
-        if path.is_file():
-            result.append(torch.load(path, map_location="cpu"))
-            continue
-        features = encode_items(clip, items, view, seed, min_scale)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(features, tmp)
-        os.replace(tmp, path)
+        features = read_cached(path, (len(items), clip.feature_dim))
+        if features is None:
+            features = encode_items(clip, items, view, seed, min_scale)
+            save_torch(path, {"features": features, "sha256": checksum(features)})
         result.append(features)
     return torch.stack(result)
+
+
+def checksum(features: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes."""
+    return hashlib.sha256(features.contiguous().numpy().tobytes()).hexdigest()
+
+
+def read_cached(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
+    """The features (N, D) stored at `path`, or None when absent or damaged (with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        features = stored["features"]
+        problem = (f"shape {tuple(features.shape)} instead of {shape}"
+                   if tuple(features.shape) != shape else
+                   "checksum mismatch" if checksum(features) != stored["sha256"] else None)
+    except (OSError, RuntimeError, EOFError, KeyError, IndexError, TypeError, ValueError,
+            pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if problem is None:
+        return features
+    logging.warning("The feature cache file %s is damaged (%s); computing these features "
+                    "again and replacing it.", path, problem)
+    return None
