@@ -16,7 +16,6 @@ The groups are built as plain ``xarray.Dataset`` objects and then wrapped in Arv
 """
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 import xarray as xr
 
 from analysis._arrays import to_numpy
+from bayesprompt.files import atomic_write
 
 ARVIZ_1 = int(az.__version__.split(".")[0]) >= 1
 """True for the DataTree-based ArviZ 1.x; the only place the two ArviZ APIs are told apart."""
@@ -136,21 +136,26 @@ def to_inference_data(
     return _container(groups)
 
 
+#: HDF5 bookkeeping added to the data's own bytes when checking the free space.
+NETCDF_OVERHEAD_BYTES = 1 << 20
+
+
 def save_inference_data(idata: Any, path: str | os.PathLike) -> None:
-    """Write ``idata`` to a netCDF file atomically (temporary file in the same folder, then
-    ``os.replace``), so a crash never leaves a half-written file at ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".nc.tmp", dir=folder)
-    os.close(fd)
-    try:
-        idata.to_netcdf(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``idata`` to a netCDF file atomically with :func:`bayesprompt.files.atomic_write`.
+
+    The free space is checked first (HDF5 can crash on a full disk rather than raise); a full
+    disk or an unwritable folder is a ``UserError``, and no temporary file is left behind.
+    """
+    required = inference_data_nbytes(idata) * 11 // 10 + NETCDF_OVERHEAD_BYTES
+    atomic_write(path, lambda temporary: idata.to_netcdf(str(temporary)),
+                 required_bytes=required)
+
+
+def inference_data_nbytes(idata: Any) -> int:
+    """Bytes held by the arrays of every group of ``idata`` (uncompressed)."""
+    if ARVIZ_1:
+        return sum(node.dataset.nbytes for node in idata.subtree)
+    return sum(idata[group].nbytes for group in idata.groups())
 
 
 def load_inference_data(path: str | os.PathLike) -> Any:

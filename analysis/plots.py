@@ -21,6 +21,7 @@ from matplotlib.ticker import NullFormatter
 from analysis._arrays import to_numpy
 from analysis.inference_data import ARVIZ_1
 from analysis.uncertainty import aurc, selective_risk
+from bayesprompt.files import atomic_write
 
 DPI = 150
 
@@ -33,12 +34,12 @@ def _figure(**kwargs: Any) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
-    """Save ``fig`` as PNG, creating the folder. Every legend counts for the tight bounding box
-    (by default a legend kept with ``ax.add_artist`` beside the axes is cut off)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Save ``fig`` as PNG atomically, creating the folder. Every legend counts for the tight
+    bounding box (by default a legend kept with ``ax.add_artist`` beside the axes is cut off)."""
     legends = [legend for ax in fig.axes for legend in ax.findobj(Legend)]
     extra = fig.get_default_bbox_extra_artists() + legends
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", bbox_extra_artists=extra)
+    atomic_write(path, lambda temporary: fig.savefig(
+        temporary, format="png", dpi=DPI, bbox_inches="tight", bbox_extra_artists=extra))
 
 
 def plot_reliability_diagram(

@@ -7,7 +7,6 @@ analysis/notebooks/posterior_diagnostics.ipynb does).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from analysis.plots import (
 )
 from analysis.posterior import RunPosterior, SplitSamples, template_features
 from analysis.uncertainty import aurc, separation_auroc, uncertainty_decomposition
+from bayesprompt.files import make_folder, write_json
 
 #: Credible level of the template-coverage region, and its PCA dimension.
 CREDIBLE_LEVEL = 0.9
@@ -138,7 +138,7 @@ def write_analysis(posterior: RunPosterior, out: Path | None = None) -> dict[str
         The metrics written to metrics.json.
     """
     out = Path(out or posterior.run_dir / "analysis")
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     idata = {name: s.inference_data() for name, s in posterior.splits.items()}
     files = []
     for name, data in idata.items():
@@ -170,7 +170,7 @@ def write_analysis(posterior: RunPosterior, out: Path | None = None) -> dict[str
             s, templates.get(name), posterior.deterministic)
     files += write_plots(posterior, idata, templates, out)
     metrics["files"] = files + ["metrics.json"]
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics)
     return metrics
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from bayesprompt.data.offline_world import DATASETS as OFFLINE_DATASETS
 from bayesprompt.data.offline_world import write_offline_dataset
 from bayesprompt.errors import UserError
+from bayesprompt.files import read_json
 
 SPLITS = ("train", "val", "test")
 COOP_DATA_DOCS = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
@@ -100,6 +101,10 @@ GENERATED: dict[str, Callable[[Path], Path]] = {
 }
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+#: Folders in a dataset folder that are not classes: the few-shot cache CoOp and we write.
+NOT_CLASS_FOLDERS = {"split_fewshot"}
+DATASET_META_HELP = ('the dataset\'s description, a JSON object {"template": "a photo of a {}.", '
+                     '"classnames": [name of label 0, name of label 1, ...]} (both optional)')
 
 
 def register_dataset(name: str, spec: DatasetSpec) -> None:
@@ -117,6 +122,11 @@ def load_dataset(name: str, root: Path) -> Dataset:
     A user folder holds class subfolders of images (in `images/` or at its top) and optionally
     `split.json` (CoOp format) and `dataset.json` (`template`, `classnames`).
     """
+    return _checked(_read_dataset(name, root))
+
+
+def _read_dataset(name: str, root: Path) -> Dataset:
+    """The dataset `name` (registered, generated or a folder path) as its files describe it."""
     if name in GENERATED:
         return read_user_folder(GENERATED[name](root), name)
     if name in REGISTRY:
@@ -146,7 +156,7 @@ def load_dataset(name: str, root: Path) -> Dataset:
 def read_user_folder(folder: Path, name: str) -> Dataset:
     """A folder of class subfolders, with optional `split.json` and `dataset.json`."""
     meta_file = folder / "dataset.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_json(meta_file, DATASET_META_HELP) if meta_file.is_file() else {}
     image_root = folder / "images" if (folder / "images").is_dir() else folder
     split_file = folder / "split.json"
     if split_file.is_file():
@@ -154,13 +164,46 @@ def read_user_folder(folder: Path, name: str) -> Dataset:
     else:
         splits = _split_class_folders(image_root)
     if not splits["train"] or not splits["test"]:
+        found = len(splits["train"]) + len(splits["val"]) + len(splits["test"])
         raise UserError(
-            f"The dataset folder {folder} has no images: expected class subfolders of images "
-            f"in {image_root} (or a split.json listing them)."
+            f"The dataset folder {folder} has no images for training or testing: found "
+            f"{found} images, {len(splits['train'])} of them for training and "
+            f"{len(splits['test'])} for testing. Expected class subfolders of images in "
+            f"{image_root}, each with at least 2 images (split 50/20/30 into train, val and "
+            "test), or a split.json listing them."
         )
     classnames = meta.get("classnames") or _classnames(splits["train"] + splits["test"])
     template = meta.get("template", "a photo of a {}.")
+    if not (isinstance(classnames, list) and all(isinstance(c, str) for c in classnames)
+            and isinstance(template, str)):
+        raise UserError(f"{meta_file} has a malformed 'classnames' (a list of strings) or "
+                        f"'template' (a string with '{{}}'): it should hold {DATASET_META_HELP}.")
+    if len(classnames) < 2:
+        raise UserError(
+            f"The dataset folder {folder} has {len(classnames)} class ({', '.join(classnames)}): "
+            "prompt learning classifies among classes, so it needs at least two. Add class "
+            "folders (or entries in split.json) for the other classes."
+        )
     return Dataset(name, classnames, template, *(splits[s] for s in SPLITS), folder)
+
+
+def _checked(dataset: Dataset) -> Dataset:
+    """`dataset`, if it has a class name for every label and a template with '{}'."""
+    where = f"dataset '{dataset.name}' in {dataset.folder}"
+    labels = {item.label for split in SPLITS for item in getattr(dataset, split)}
+    unnamed = sorted(label for label in labels if not 0 <= label < len(dataset.classnames))
+    if unnamed:
+        raise UserError(
+            f"The {where} has images with labels {unnamed[:5]} but only "
+            f"{len(dataset.classnames)} class names (labels 0..{len(dataset.classnames) - 1}). "
+            "Give one class name per label, in label order, in its dataset.json 'classnames', "
+            "or fix the labels of its split file."
+        )
+    if "{}" not in dataset.template:
+        raise UserError(f"The prompt template '{dataset.template}' of {where} has no '{{}}' "
+                        "for the class name; put '{}' where the class name goes in 'template' "
+                        "in its dataset.json.")
+    return dataset
 
 
 def _classnames(items: list[Item]) -> list[str]:
@@ -254,11 +297,18 @@ def _read_imagenet_variant(spec: DatasetSpec, folder: Path) -> dict[str, list[It
 def _split_class_folders(image_root: Path, train: float = 0.5, val: float = 0.2,
                          seed: int = 1) -> dict[str, list[Item]]:
     """Split each class folder 50/20/30 with a fixed seed (CoOp's read_and_split_data)."""
-    folders = sorted(p for p in image_root.iterdir() if p.is_dir()) if image_root.is_dir() else []
+    folders = sorted(p for p in image_root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                     and p.name not in NOT_CLASS_FOLDERS) if image_root.is_dir() else []
     splits: dict[str, list[Item]] = {s: [] for s in SPLITS}
     rng = random.Random(seed)
     for label, sub in enumerate(folders):
         paths = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise UserError(
+                f"The class folder {sub} holds no images (looked for files ending in "
+                f"{', '.join(sorted(IMAGE_SUFFIXES))}). Add its images, or remove the folder "
+                "if it is not a class."
+            )
         rng.shuffle(paths)
         n_train, n_val = round(len(paths) * train), round(len(paths) * val)
         parts = {"train": paths[:n_train], "val": paths[n_train:n_train + n_val],

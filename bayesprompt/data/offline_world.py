@@ -7,7 +7,9 @@ Layout of each dataset NAME under a root folder::
     ROOT/NAME/dataset.json  {"name": NAME, "template": "a photo of a {}.", "classnames": [...]}
 
 Datasets are generated deterministically on first use (a few seconds each) and written
-atomically: a hidden temporary folder is filled, then renamed to ROOT/NAME.
+atomically: a hidden temporary folder is filled, then renamed to ROOT/NAME, with the
+permissions the umask gives (a data root shared by a lab stays readable). Processes that
+generate the same dataset at once all succeed: the first rename wins, the others find it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bayesprompt.data import procedural as world
+from bayesprompt.files import current_umask, make_folder, write_error, write_json
 
 TEMPLATE = "a photo of a {}."
 #: Bumped whenever the rendering of the downstream datasets changes: older copies are rebuilt.
@@ -114,30 +117,51 @@ def write_offline_dataset(name: str, root: Path | str | None = None) -> Path:
     if _version(target) == WORLD_VERSION:
         return target
     if target.exists():  # an older world: move it aside first, so no mix of versions is read
-        stale = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-stale-"))
-        os.rename(target, stale / name)
-        shutil.rmtree(stale, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
+        _remove_stale(target)
+    make_folder(root)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
+    except OSError as error:
+        raise write_error(error, root / name) from None
     try:
         split = _write_images(DATASETS[name], tmp)
-        (tmp / "split.json").write_text(json.dumps(split))
+        write_json(tmp / "split.json", split, indent=None)
         meta = {"name": name, "template": TEMPLATE, "classnames": classnames(name),
                 "version": WORLD_VERSION}
-        (tmp / "dataset.json").write_text(json.dumps(meta, indent=1))
+        write_json(tmp / "dataset.json", meta, indent=1)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared root
         os.rename(tmp, target)
-    except OSError:
+    except OSError as error:
         if _version(target) != WORLD_VERSION:  # not a concurrent writer that won
-            raise
+            raise write_error(error, target) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
+def _remove_stale(target: Path) -> None:
+    """Move an outdated dataset folder aside and delete it (another process may be first)."""
+    try:
+        stale = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-stale-"))
+    except OSError as error:
+        raise write_error(error, target) from None
+    try:
+        os.rename(target, stale / target.name)
+    except FileNotFoundError:
+        pass  # a concurrent writer moved it already
+    except OSError as error:
+        raise write_error(error, target) from None
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _version(folder: Path) -> int | None:
     """The world version a written dataset folder holds, None when absent or incomplete."""
-    meta = folder / "dataset.json"
-    return json.loads(meta.read_text()).get("version", 1) if meta.is_file() else None
+    try:
+        meta = json.loads((folder / "dataset.json").read_text())
+    except (OSError, ValueError):  # absent, or damaged: written again
+        return None
+    return meta.get("version", 1) if isinstance(meta, dict) else None
 
 
 def write_all_offline_datasets(root: Path | str | None = None) -> list[Path]:
