@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from tqdm import tqdm
 
 from bayesprompt.data import procedural as world
+from bayesprompt.files import save_torch
 from bayesprompt.text_tower import causal_text_features
 
 MODEL_NAME = "MiniCLIP"
@@ -203,9 +203,6 @@ def pretrain_miniclip(
 
 
 def save_fp16(model: torch.nn.Module, path: Path) -> None:
-    """Write the model's state dict in fp16 to path atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the model's state dict in fp16 to path atomically (bayesprompt.files)."""
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-        torch.save(state, f)
-    os.replace(f.name, path)
+    save_torch(path, state)
