@@ -37,16 +37,18 @@ def current_umask() -> int:
 
 def write_error(error: OSError, path: Path) -> UserError | OSError:
     """A UserError for a full disk or an unwritable folder while writing `path`; else `error`."""
+    lines = (error.strerror or str(error)).strip().splitlines() or [type(error).__name__]
+    reason = lines[0][:200]  # HDF5 gives a whole error stack
     if error.errno in NO_SPACE:
         return UserError(
-            f"No space left on the disk while writing {path} ({error.strerror}). Nothing was "
+            f"No space left on the disk while writing {path} ({reason}). Nothing was "
             "changed there: a file that was already present is intact. Free some space on "
             "that disk, or choose a folder on another disk, and run the command again; an "
             "interrupted training run continues with --resume."
         )
     if error.errno in NOT_WRITABLE:
         return UserError(
-            f"Cannot write {path}: {error.strerror} ({error.filename or path.parent}). Make "
+            f"Cannot write {path}: {reason} ({error.filename or path.parent}). Make "
             "the folder writable, or choose another one with the command's --out, "
             "--cache-dir or --root option (or $BAYESPROMPT_CACHE / $BAYESPROMPT_DATA)."
         )
