@@ -25,7 +25,7 @@ from open_clip.model import CLIP
 from open_clip.transformer import TextTransformer
 from torch import nn
 
-from bayesprompt.errors import UserError
+from bayesprompt.errors import UserError, first_line
 from bayesprompt.files import read_json
 from bayesprompt.miniclip import MODEL_NAME as MINICLIP
 from bayesprompt.miniclip import ensure_miniclip, register_miniclip
@@ -266,7 +266,7 @@ def _load_problem(name: str, pretrained: str | None, device: str, error: Excepti
             pass  # the config itself does not build
         else:
             return _checkpoint_problem(model, name, pretrained, error)
-    return (f"Could not build the model {name} from its config ({_first_line(error)}). Check "
+    return (f"Could not build the model {name} from its config ({first_line(error)}). Check "
             f"the values of its fields: the config should be {MODEL_CONFIG_HELP}.")
 
 
@@ -276,7 +276,7 @@ def _checkpoint_problem(model: nn.Module, name: str, checkpoint: str, error: Exc
         state_dict = load_state_dict(checkpoint, weights_only=True)
     except CHECKPOINT_ERRORS as reading:
         reason = (type(reading).__name__ if isinstance(reading, pickle.UnpicklingError)
-                  else _first_line(reading))  # torch's unpickling message advises unsafe loading
+                  else first_line(reading))  # torch's unpickling message advises unsafe loading
         return (f"--pretrained {checkpoint} is not a PyTorch checkpoint that can be read "
                 f"({reason}). Pass a file saved with torch.save holding a CLIP "
                 "state dict (open_clip's .pt/.bin checkpoints), or an open_clip pretrained tag.")
@@ -289,17 +289,11 @@ def _checkpoint_problem(model: nn.Module, name: str, checkpoint: str, error: Exc
     unexpected = [key for key in state_dict if key not in expected]
     resized = [key for key in expected
                if key in state_dict and state_dict[key].shape != expected[key].shape]
-    first = (missing + unexpected + resized + [_first_line(error)])[0]
+    first = (missing + unexpected + resized + [first_line(error)])[0]
     return (f"--pretrained {checkpoint} holds the weights of another architecture than {name}: "
             f"{len(missing)} parameters missing, {len(unexpected)} unexpected and {len(resized)} "
             f"of another shape (first: {first}). Pass the checkpoint trained for {name}, or the "
             "--backbone the checkpoint was trained with.")
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an error message, short enough for a one-paragraph UserError."""
-    text = str(error).strip().splitlines()
-    return (text[0][:200] if text else type(error).__name__)
 
 
 def _weights_identity(pretrained: str | None) -> str:

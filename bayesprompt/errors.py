@@ -3,3 +3,12 @@
 
 class UserError(Exception):
     """Bad input: the message says what was wrong, where we looked and what to do."""
+
+
+def first_line(error: BaseException | str, limit: int = 200) -> str:
+    """The first line of an error (message), its type when empty, for a one-paragraph message.
+
+    Library errors can be long: HDF5 prints a whole stack, PyTorch a list of parameter names.
+    """
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bayesprompt.errors import UserError
+from bayesprompt.errors import UserError, first_line
 
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
@@ -37,8 +37,7 @@ def current_umask() -> int:
 
 def write_error(error: OSError, path: Path) -> UserError | OSError:
     """A UserError for a full disk or an unwritable folder while writing `path`; else `error`."""
-    lines = (error.strerror or str(error)).strip().splitlines() or [type(error).__name__]
-    reason = lines[0][:200]  # HDF5 gives a whole error stack
+    reason = first_line(error.strerror or error)
     if error.errno in NO_SPACE:
         return UserError(
             f"No space left on the disk while writing {path} ({reason}). Nothing was "

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from bayesprompt.clip import FrozenCLIP
 from bayesprompt.data.datasets import Item
-from bayesprompt.errors import UserError
+from bayesprompt.errors import UserError, first_line
 from bayesprompt.files import make_folder, save_torch
 
 #: Bumped when the layout of a cache file changes, so that older files are not read.
@@ -131,7 +131,7 @@ def read_cached(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
                    "checksum mismatch" if checksum(features) != stored["sha256"] else None)
     except (OSError, RuntimeError, EOFError, KeyError, IndexError, TypeError, ValueError,
             pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        problem = f"{type(error).__name__}: {first_line(error)}"
     if problem is None:
         return features
     logging.warning("The feature cache file %s is damaged (%s); computing these features "
