@@ -76,9 +76,14 @@ class FrozenCLIP(nn.Module):
         """exp(logit_scale), a scalar."""
         return self.model.logit_scale.exp().float()
 
+    @property
+    def compute_precision(self) -> str:
+        """The precision features are computed in: `precision` on CUDA, fp32 elsewhere."""
+        return self.precision if self.device.type == "cuda" else "fp32"
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """fp16/bf16 autocast on CUDA; a no-op in fp32 or on the CPU."""
-        if self.precision == "fp32" or self.device.type != "cuda":
+        if self.compute_precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=PRECISIONS[self.precision])
 
@@ -302,7 +307,7 @@ def _weights_identity(pretrained: str | None) -> str:
         return "random-init"
     if os.path.isfile(pretrained):
         stat = os.stat(pretrained)
-        return f"{os.path.abspath(pretrained)}@{stat.st_size}:{int(stat.st_mtime)}"
+        return f"{os.path.abspath(pretrained)}@{stat.st_size}:{stat.st_mtime_ns}"
     return pretrained
 
 

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -149,6 +150,15 @@ def test_feature_cache_key_covers_the_backbone_config_content(eurosat_root, tmp_
     items = load_dataset("eurosat", eurosat_root).test[:2]
     keys = {cache_key(clip, items, 0, 0, 0.08) for clip in same_name}
     assert len(keys) == 2
+
+
+def test_feature_cache_key_covers_the_compute_precision(tiny_clip, eurosat_root):
+    items = load_dataset("eurosat", eurosat_root).test[:2]
+    on_cuda_in_bf16 = SimpleNamespace(identity=tiny_clip.identity, compute_precision="bf16",
+                                      image_stats=tiny_clip.image_stats)
+    assert tiny_clip.compute_precision == "fp32"  # on the CPU, whatever --precision says
+    assert cache_key(on_cuda_in_bf16, items, 0, 0, 0.08) != cache_key(tiny_clip, items, 0, 0,
+                                                                        0.08)
 
 
 @pytest.mark.parametrize("damage", ["zeroed middle", "truncated", "wrong values",

@@ -3,11 +3,12 @@
 View 0 is the test transform (resize, centre crop). Views 1..K are the reference's training
 augmentation (random resized crop with scale (min_scale, 1), min_scale 0.08 in the reference,
 and a horizontal flip), each drawn from its own seed so a view is the same image every time.
-The cache key covers the backbone (its model config's content) and its weights, the transform,
-the dataset and the exact list of images. Each file carries the SHA-256 of its features and is
-checked against it and against the expected shape when read: a damaged file is reported and
-computed again, never used. Files are written with `bayesprompt.files` (atomic, unique
-temporary names), so processes that fill the same cache at once all succeed.
+The cache key covers the backbone (its model config's content), its weights and the precision
+features are computed in, the transform, the dataset and the exact list of images. Each file
+carries the SHA-256 of its features and is checked against it and against the expected shape
+when read: a damaged file is reported and computed again, never used. Files are written with
+`bayesprompt.files` (atomic, unique temporary names), so processes that fill the same cache at
+once all succeed.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def cache_key(clip: FrozenCLIP, items: list[Item], view: int, seed: int, min_sca
     """A hash of everything the features depend on."""
     transform = image_transform(clip, view > 0, min_scale)
     description = {
-        "format": CACHE_FORMAT, "clip": clip.identity, "transform": repr(transform),
+        "format": CACHE_FORMAT, "clip": clip.identity, "precision": clip.compute_precision,
+        "transform": repr(transform),
         "view": view, "seed": seed,
         "images": hashlib.sha1("\n".join(_file_identity(i.path) for i in items).encode()
                                ).hexdigest(),
