@@ -21,6 +21,7 @@ from pyro.infer import Trace_ELBO
 from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
+from bayesprompt import distributed
 from bayesprompt.errors import UserError
 from bayesprompt.prompt_model import PromptModel
 
@@ -146,6 +147,9 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
 
     After every epoch the param store, optimiser and RNG state are written atomically to
     `checkpoint`; `resume=True` continues from it to the same result as an uninterrupted run.
+    Under torchrun (`bayesprompt.distributed`) every rank starts from rank 0's parameters, takes
+    its slice of each global batch of `config.batch_size` images, and the share-weighted
+    gradients are summed over ranks before the step; rank 0 alone writes the checkpoint.
     """
     views, dataset_size, _ = features.shape
     identity = identity or {}
@@ -156,6 +160,7 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     parameters = [p for _, p in pyro.get_param_store().named_parameters()]
     if not parameters or config.epochs == 0:
         return []
+    distributed.broadcast_parameters(parameters)
 
     history: list[float] = []
     start_epoch = 0
@@ -171,8 +176,9 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
 
     steps = math.ceil(dataset_size / config.batch_size)
     progress = tqdm(total=config.epochs * steps, initial=start_epoch * steps, desc="SVI",
-                    unit="step", dynamic_ncols=True)
+                    unit="step", dynamic_ncols=True, disable=not distributed.is_main_process())
     for epoch in range(start_epoch, config.epochs):
+        distributed.seed_rank_stream(config.seed, epoch)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(epoch, config)
         order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
@@ -181,16 +187,18 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
         total = 0.0
         for step in range(steps):
             index = permutation[step * config.batch_size:(step + 1) * config.batch_size]
-            batch = features[view_of_image[index], index]
-            loss = objective(batch, labels[index], dataset_size)
+            local, share = distributed.shard(index)
+            batch = features[view_of_image[local], local]
             optimizer.zero_grad()
+            loss = share * objective(batch, labels[local], dataset_size)
             loss.backward()
+            loss = distributed.all_reduce_gradients(parameters, loss)
             optimizer.step()
             total += loss.item() * len(index)
             progress.update()
             progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
         history.append(total / dataset_size)
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main_process():
             save_atomic({"epoch": epoch + 1, "history": history, "identity": identity,
                          "train_config": asdict(config),
                          "param_store": pyro.get_param_store().get_state(),
