@@ -160,8 +160,8 @@ def test_each_rank_but_0_draws_its_own_reproducible_noise(monkeypatch) -> None:
         distributed.seed_rank_stream(seed=7, epoch=epoch)
         return torch.randn(4)
 
-    torch.manual_seed(5)
-    assert torch.equal(draw(0, 0), torch.randn(4))  # rank 0: the single-process stream
+    single_process = torch.randn(4, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(draw(0, 0), single_process)  # rank 0 keeps the single-process stream
     assert torch.equal(draw(1, 3), draw(1, 3))      # a resumed epoch draws the same noise
     noises = [draw(0, 0), draw(1, 0), draw(2, 0), draw(1, 1)]
     assert all(not torch.equal(a, b) for i, a in enumerate(noises) for b in noises[i + 1:])
