@@ -125,8 +125,9 @@ def save_atomic(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, identity: dict) -> dict:
-    """Read a checkpoint, check it belongs to this run (`identity`), restore the param store."""
+def load_checkpoint(path: Path, identity: dict, device: torch.device | str = "cpu") -> dict:
+    """Read a checkpoint, check it belongs to this run (`identity`), restore the param store
+    with its parameters on `device`."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     mismatched = [key for key in identity if state["identity"].get(key) != identity[key]]
     if mismatched:
@@ -136,6 +137,9 @@ def load_checkpoint(path: Path, identity: dict) -> dict:
             f"The checkpoint {path} belongs to another run ({details}). Use a new --out "
             "folder, or the options the checkpoint was trained with."
         )
+    params = state["param_store"]["params"]
+    for name, value in params.items():
+        params[name] = value.detach().to(device).requires_grad_(value.requires_grad)
     pyro.get_param_store().set_state(state["param_store"])
     return state
 
@@ -165,7 +169,7 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     history: list[float] = []
     start_epoch = 0
     if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, identity)
+        state = load_checkpoint(checkpoint, identity, features.device)
         parameters = [p for _, p in pyro.get_param_store().named_parameters()]
         start_epoch, history = state["epoch"], state["history"]
     optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,

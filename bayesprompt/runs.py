@@ -271,7 +271,7 @@ def load_run(run_dir: Path, device: str | None = None
     program = build_program(config, clip, base.classnames, base.template)
     checkpoint = run_dir / "checkpoint.pt"
     if checkpoint.exists():
-        load_checkpoint(checkpoint, run_identity(config, clip, base.classnames))
+        load_checkpoint(checkpoint, run_identity(config, clip, base.classnames), clip.device)
     return config, program, clip, base, new
 
 

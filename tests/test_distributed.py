@@ -182,6 +182,19 @@ def test_one_gpu_for_many_processes_is_refused(monkeypatch) -> None:
             pass
 
 
+def test_a_checkpoint_is_loaded_onto_the_device_of_the_run(tmp_path: Path) -> None:
+    """Every rank of a GPU run loads the checkpoint onto its own device ('meta' stands in)."""
+    pyro.clear_param_store()
+    pyro.param("ctx_map", torch.ones(2, 3))
+    infer.save_atomic({"identity": {}, "param_store": pyro.get_param_store().get_state()},
+                      tmp_path / "checkpoint.pt")
+    pyro.clear_param_store()
+    infer.load_checkpoint(tmp_path / "checkpoint.pt", {}, "meta")
+    (name, value), = pyro.get_param_store().named_parameters()
+    assert name == "ctx_map" and value.device.type == "meta" and value.shape == (2, 3)
+    assert value.is_leaf and value.requires_grad
+
+
 def test_torchrun_resumes_a_run_to_the_one_process_result(run_args: list[str],
                                                           tmp_path: Path, monkeypatch) -> None:
     """Epoch 1 in one process, epochs 2-3 by `torchrun --nproc_per_node 2 ... --resume`."""
