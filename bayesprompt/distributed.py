@@ -80,24 +80,48 @@ def rank_device(device: str) -> str:
     return device
 
 
+def _collective_device() -> torch.device:
+    """Where tensors of collectives live: this rank's GPU for NCCL, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     """Wait until every rank arrives here."""
     if world_size() == 1:
         return
-    if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[torch.cuda.current_device()])
-    else:
-        dist.barrier()
+    device = _collective_device()
+    dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _rank_zero_succeeded(succeeded: bool) -> bool:
+    """Rank 0's `succeeded`, received by every rank (a barrier that carries one flag)."""
+    flag = torch.tensor([float(succeeded)], device=_collective_device())
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 @contextmanager
 def main_process_first() -> Iterator[None]:
-    """Rank 0 runs the block first (writing caches); the others then run it (reading them)."""
-    if not is_main_process():
-        barrier()
-    yield
-    if is_main_process():
-        barrier()
+    """Rank 0 runs the block first (writing caches); the others then run it (reading them).
+
+    If the block fails on rank 0, the others stop with a UserError rather than a broken
+    barrier, so the user reads rank 0's error message without tracebacks.
+    """
+    if world_size() == 1:
+        yield
+    elif is_main_process():
+        try:
+            yield
+        except BaseException:
+            _rank_zero_succeeded(False)
+            raise
+        _rank_zero_succeeded(True)
+    else:
+        if not _rank_zero_succeeded(False):
+            raise UserError(f"(rank {rank()}) stopped: rank 0 failed with the error above.")
+        yield
 
 
 def check_batch_size(batch_size: int) -> None:

@@ -78,6 +78,12 @@ def train_on_rank(rank: int, port: int, folder: str) -> None:
     results = {}
     with distributed.process_group("cpu"):
         assert distributed.world_size() == 2 and distributed.rank() == rank
+        try:
+            with distributed.main_process_first():
+                if rank == 0:
+                    raise UserError("The dataset is missing.")
+        except UserError as error:
+            results["refused"] = str(error)
         for name in DETERMINISTIC:
             results[name] = train_model(name, clip, CONFIG)
         results["vpt_cond"] = train_model("vpt_cond", clip, CONFIG)
@@ -105,10 +111,15 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
+def test_an_error_of_rank_0_stops_the_others_with_a_message(two_ranks: list[dict]) -> None:
+    assert two_ranks[0]["refused"] == "The dataset is missing."
+    assert two_ranks[1]["refused"] == "(rank 1) stopped: rank 0 failed with the error above."
+
+
 def test_ranks_hold_identical_parameters(two_ranks: list[dict]) -> None:
     first, second = two_ranks
-    assert set(first) == {*DETERMINISTIC, "vpt_cond", "vpt", "vpt resumed"}
-    for scenario in first:
+    assert set(first) == {*DETERMINISTIC, "vpt_cond", "vpt", "vpt resumed", "refused"}
+    for scenario in DETERMINISTIC + ("vpt_cond", "vpt", "vpt resumed"):
         assert first[scenario][0] == second[scenario][0]  # the all-reduced loss history
         assert first[scenario][1].keys() == second[scenario][1].keys()
         for name, value in first[scenario][1].items():
