@@ -156,6 +156,7 @@ def write_analysis(posterior: RunPosterior, out: Path | None = None) -> dict[str
         "model": posterior.config.model,
         "dataset": posterior.config.dataset,
         "num_samples": posterior.num_samples,
+        "seed": posterior.seed,
         "deterministic": posterior.deterministic,
         "splits": {},
         "auroc": separation_metrics(posterior),
