@@ -199,14 +199,13 @@ def _set_rng_state(cpu: torch.Tensor, cuda: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
 
 
-def _diverged(epoch: int, step: int, loss: float, checkpoint: Path | None,
+def _diverged(epoch: int, step: int, what: str, checkpoint: Path | None,
               saved_epoch: int, lr: float) -> Diverged:
     kept = (f"The last good checkpoint (epoch {saved_epoch}) is kept in {checkpoint}. "
             if checkpoint is not None and saved_epoch else "No epoch had finished, so there "
             "is no checkpoint. ")
     return Diverged(
-        f"Training diverged at epoch {epoch + 1}, step {step + 1}: the loss is {loss:.4g} "
-        f"(non-finite, or more than {DIVERGENCE_FACTOR:g} times the first step's). {kept}"
+        f"Training diverged at epoch {epoch + 1}, step {step + 1}: {what}. {kept}"
         f"Lower --lr (it is {lr:g}) and start a new run in another --out folder."
     )
 
@@ -251,6 +250,7 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
         _set_rng_state(state["rng"], state["cuda_rng"])
 
     steps = math.ceil(dataset_size / config.batch_size)
+    stepped = start_epoch > 0
     progress = tqdm(total=config.epochs * steps, initial=start_epoch * steps, desc="SVI",
                     unit="step", dynamic_ncols=True)
     for epoch in range(start_epoch, config.epochs):
@@ -265,19 +265,25 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
             batch = features[view_of_image[index], index]
             try:
                 loss = objective(batch, labels[index], dataset_size)
-            except ValueError:  # a distribution refused non-finite parameters
-                if _parameters_finite(parameters):
+            except ValueError as error:  # a distribution refused the parameters
+                if not stepped:  # before any update: the model file's own fault
                     raise
-                loss = torch.tensor(math.nan)
+                progress.close()
+                what = ("a distribution got invalid parameters: "
+                        f"{str(error).splitlines()[0]}")
+                raise _diverged(epoch, step, what, checkpoint, len(history), config.lr) from None
             value = loss.item()
             reference = value if reference is None else reference
             if not math.isfinite(value) or abs(value) > DIVERGENCE_FACTOR * max(abs(reference),
                                                                                  1.0):
                 progress.close()
-                raise _diverged(epoch, step, value, checkpoint, len(history), config.lr)
+                what = (f"the loss is {value:.4g} (non-finite, or more than "
+                        f"{DIVERGENCE_FACTOR:g} times the first step's)")
+                raise _diverged(epoch, step, what, checkpoint, len(history), config.lr)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            stepped = True
             grown = set(pyro.get_param_store().keys()) - names
             if grown:
                 progress.close()
@@ -292,7 +298,8 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
             progress.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}")
         if not _parameters_finite(parameters):
             progress.close()
-            raise _diverged(epoch, steps - 1, math.nan, checkpoint, len(history), config.lr)
+            raise _diverged(epoch, steps - 1, "the parameters are no longer finite", checkpoint,
+                            len(history), config.lr)
         history.append(total / dataset_size)
         if checkpoint is not None:
             cpu_rng, cuda_rng = _rng_state(features.device)
@@ -412,8 +419,10 @@ def predictive_probs(program: PromptModel, features: torch.Tensor, num_samples: 
     """
     draws = posterior_draws(program, features, num_samples, seed, shared)
     chunks = []
-    for start, stop in batch_bounds(features.shape[0], batch_size):
-        trace = replay_model(program, features[start:stop], draws.batch(start, stop),
-                             draws.per_image, draws.num_samples)
-        chunks.append(trace.nodes["y"]["fn"].probs.expand(draws.num_samples, stop - start, -1))
+    with seeded(seed):  # the replay samples labels too: keep the caller's RNG untouched
+        for start, stop in batch_bounds(features.shape[0], batch_size):
+            trace = replay_model(program, features[start:stop], draws.batch(start, stop),
+                                 draws.per_image, draws.num_samples)
+            chunks.append(trace.nodes["y"]["fn"].probs.expand(draws.num_samples, stop - start,
+                                                              -1))
     return torch.cat(chunks, dim=1)
