@@ -25,6 +25,7 @@ from pyro.infer import Predictive, Trace_ELBO
 from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
+from bayesprompt import distributed
 from bayesprompt.errors import UserError
 from bayesprompt.prompt_model import PromptModel
 
@@ -145,9 +146,9 @@ def _corrupt(path: Path, problem: str) -> UserError:
     )
 
 
-def load_checkpoint(path: Path, identity: dict) -> dict:
+def load_checkpoint(path: Path, identity: dict, device: torch.device | str = "cpu") -> dict:
     """Read a checkpoint (tensors and plain containers only: `weights_only=True`), check it
-    belongs to this run (`identity`) and restore the values of the param store.
+    belongs to this run (`identity`) and restore the values of the param store, on `device`.
 
     The param store must already hold this program's parameters (see `create_parameters`),
     so their constraints come from the program, not from the file.
@@ -176,7 +177,8 @@ def load_checkpoint(path: Path, identity: dict) -> dict:
             f"{sorted(current['params'])}: it was written by another version of the model "
             "file. Use a new --out folder, or the model file it was trained with."
         )
-    params = {name: value.requires_grad_(True) for name, value in saved.items()}
+    params = {name: value.detach().to(device).requires_grad_(True)
+              for name, value in saved.items()}
     store.set_state({"params": params, "constraints": current["constraints"]})
     return state
 
@@ -223,6 +225,10 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     when training on CUDA) are written atomically to `checkpoint`; `resume=True` continues from
     it to the same result as an uninterrupted run. A non-finite or exploding loss stops
     training with `Diverged`, leaving the last good checkpoint in place.
+    Under torchrun (`bayesprompt.distributed`) every rank starts from rank 0's parameters, takes
+    its slice of each global batch of `config.batch_size` images, and the share-weighted
+    gradients are summed over ranks before the step; rank 0 alone writes the checkpoint. The
+    divergence check reads the loss summed over ranks, so every rank stops at the same step.
     """
     views, dataset_size, _ = features.shape
     identity = identity or {}
@@ -235,11 +241,12 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     parameters = [p for _, p in pyro.get_param_store().named_parameters()]
     if not parameters or config.epochs == 0:
         return []
+    distributed.broadcast_parameters(parameters)
 
     history: list[float] = []
     start_epoch, reference = 0, None
     if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, identity)
+        state = load_checkpoint(checkpoint, identity, features.device)
         parameters = [p for _, p in pyro.get_param_store().named_parameters()]
         start_epoch, history = state["epoch"], state["history"]
         reference = state["reference_loss"]
@@ -252,8 +259,9 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     steps = math.ceil(dataset_size / config.batch_size)
     stepped = start_epoch > 0
     progress = tqdm(total=config.epochs * steps, initial=start_epoch * steps, desc="SVI",
-                    unit="step", dynamic_ncols=True)
+                    unit="step", dynamic_ncols=True, disable=not distributed.is_main_process())
     for epoch in range(start_epoch, config.epochs):
+        distributed.seed_rank_stream(config.seed, epoch)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(epoch, config)
         order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
@@ -262,9 +270,11 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
         total = 0.0
         for step in range(steps):
             index = permutation[step * config.batch_size:(step + 1) * config.batch_size]
-            batch = features[view_of_image[index], index]
+            local, share = distributed.shard(index)
+            batch = features[view_of_image[local], local]
+            optimizer.zero_grad()
             try:
-                loss = objective(batch, labels[index], dataset_size)
+                loss = share * objective(batch, labels[local], dataset_size)
             except ValueError as error:  # a distribution refused the parameters
                 if not stepped:  # before any update: the model file's own fault
                     raise
@@ -272,6 +282,8 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
                 what = ("a distribution got invalid parameters: "
                         f"{str(error).splitlines()[0]}")
                 raise _diverged(epoch, step, what, checkpoint, len(history), config.lr) from None
+            loss.backward()
+            loss = distributed.all_reduce_gradients(parameters, loss)
             value = loss.item()
             reference = value if reference is None else reference
             if not math.isfinite(value) or abs(value) > DIVERGENCE_FACTOR * max(abs(reference),
@@ -280,8 +292,6 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
                 what = (f"the loss is {value:.4g} (non-finite, or more than "
                         f"{DIVERGENCE_FACTOR:g} times the first step's)")
                 raise _diverged(epoch, step, what, checkpoint, len(history), config.lr)
-            optimizer.zero_grad()
-            loss.backward()
             optimizer.step()
             stepped = True
             grown = set(pyro.get_param_store().keys()) - names
@@ -301,9 +311,9 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
             raise _diverged(epoch, steps - 1, "the parameters are no longer finite", checkpoint,
                             len(history), config.lr)
         history.append(total / dataset_size)
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main_process():
             cpu_rng, cuda_rng = _rng_state(features.device)
-            params = {name: value.detach().clone()
+            params = {name: value.detach().cpu()
                       for name, value in pyro.get_param_store().get_state()["params"].items()}
             save_atomic({"epoch": epoch + 1, "history": history, "identity": identity,
                          "train_config": asdict(config), "param_store": params,

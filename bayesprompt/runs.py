@@ -2,7 +2,8 @@
 
 A run folder holds `config.json` (every resolved option), `fewshot.json` (the exact few-shot
 train and val lists), `checkpoint.pt` (param store, optimiser and RNG states, written
-atomically after every epoch) and `results.json`.
+atomically after every epoch) and `results.json`. Under torchrun, rank 0 alone writes them
+(and the data and feature caches, before the other ranks read them) and evaluates.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import pyro
 import torch
 
+from bayesprompt import distributed
 from bayesprompt.clip import FrozenCLIP, load_clip
 from bayesprompt.data.datasets import Dataset, known_datasets, load_dataset
 from bayesprompt.data.features import cached_features
@@ -294,15 +296,17 @@ def check_resume(config: RunConfig, out: Path) -> None:
                         "Resume with the run's options, or start a new run with another --out.")
 
 
-def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
+def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
     """Train on the base (or all) classes, evaluate base and new; write the run folder.
 
     `eval_on` datasets are evaluated on all their classes (cross-dataset transfer, or domain
-    generalisation for a dataset with the same classes), as `transfer_acc`. Ctrl-C becomes
-    `RunInterrupted`, which says how to continue.
+    generalisation for a dataset with the same classes), as `transfer_acc`. Under torchrun
+    every rank trains; rank 0 evaluates and returns the results, the other ranks return None.
+    Ctrl-C becomes `RunInterrupted`, which says how to continue.
     """
     config = config.resolved()
     load_model_class(config.model)  # an unknown model fails before anything is loaded
+    distributed.check_batch_size(config.batch_size)
     out = Path(config.out)
     checkpoint = out / "checkpoint.pt"
     if holds_run(out) and not resume:
@@ -312,18 +316,22 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
     if resume:
         check_resume(config, out)
     root = Path(config.root).expanduser()
-    transfer_sets = {name: load_dataset(name, root) for name in config.eval_on}
-    base, new, selection = split_datasets(config)
-    clip = load_clip(config.backbone, config.pretrained, config.device, config.precision)
+    with distributed.main_process_first():
+        transfer_sets = {name: load_dataset(name, root) for name in config.eval_on}
+        base, new, selection = split_datasets(config)
+        clip = load_clip(config.backbone, config.pretrained,
+                         distributed.rank_device(config.device), config.precision)
     pyro.set_rng_seed(config.seed)
     program = build_program(config, clip, base.classnames, base.template)
     cache = Path(config.cache_dir).expanduser() / "features"
     views = list(range(1, config.views + 1)) if config.views > 0 else [0]
-    features = cached_features(clip, base.train, views, cache, config.seed,
-                               config.crop_min_scale).to(clip.device)
-    out.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no half-made run
-    write_json_atomic(asdict(config), out / "config.json")
-    write_json_atomic(selection.record(), out / "fewshot.json")
+    with distributed.main_process_first():
+        features = cached_features(clip, base.train, views, cache, config.seed,
+                                   config.crop_min_scale).to(clip.device)
+    if distributed.is_main_process():  # only now: bad input leaves no half-made run
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(asdict(config), out / "config.json")
+        write_json_atomic(selection.record(), out / "fewshot.json")
     labels = torch.tensor([item.label for item in base.train], device=clip.device)
     train_config = TrainConfig(config.epochs, config.batch_size, config.num_particles,
                                config.objective, config.lr, seed=config.seed)
@@ -337,6 +345,8 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
             "command with --resume to continue it."
         ) from None
     train_seconds = time.perf_counter() - started
+    if not distributed.is_main_process():
+        return None
 
     shared: dict[str, torch.Tensor] = {}
     base_acc, _, _ = evaluate(program, clip, base, config, shared)
@@ -352,6 +362,7 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
         "eval_samples": config.eval_samples, "eval_seed": config.eval_seed,
         "fewshot_source": selection.source,
         "train_images": len(base.train), "train_seconds": round(train_seconds, 2),
+        "world_size": distributed.world_size(),
         "loss_history": history,
     }
     write_json_atomic(results, out / "results.json")
@@ -384,7 +395,7 @@ def load_run(run_dir: Path, device: str | None = None
         features = torch.zeros(2, clip.feature_dim, device=clip.device)
         labels = torch.tensor([0, 1], device=clip.device) % len(base.classnames)
         create_parameters(program, features, labels)
-        load_checkpoint(checkpoint, run_identity(config, clip, base.classnames))
+        load_checkpoint(checkpoint, run_identity(config, clip, base.classnames), clip.device)
     return config, program, clip, base, new
 
 
