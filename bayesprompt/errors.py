@@ -5,6 +5,10 @@ class UserError(Exception):
     """Bad input: the message says what was wrong, where we looked and what to do."""
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C during a run: the message says what was kept and how to continue."""
+
+
 def first_line(error: BaseException | str, limit: int = 200) -> str:
     """The first line of an error (message), its type when empty, for a one-paragraph message.
 

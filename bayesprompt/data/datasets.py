@@ -21,6 +21,8 @@ from bayesprompt.errors import UserError
 from bayesprompt.files import read_json
 
 SPLITS = ("train", "val", "test")
+#: CoOp's folder of few-shot pickles inside a dataset folder; never a class folder.
+FEWSHOT_DIR = "split_fewshot"
 COOP_DATA_DOCS = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
 
@@ -40,6 +42,12 @@ class Dataset:
     val: list[Item]
     test: list[Item]
     folder: Path
+    image_root: Path | None = None
+
+    @property
+    def images_folder(self) -> Path:
+        """The folder the split file's relative image paths start from."""
+        return self.image_root or self.folder
 
 
 @dataclass(frozen=True)
@@ -101,8 +109,6 @@ GENERATED: dict[str, Callable[[Path], Path]] = {
 }
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-#: Folders in a dataset folder that are not classes: the few-shot cache CoOp and we write.
-NOT_CLASS_FOLDERS = {"split_fewshot"}
 DATASET_META_HELP = ('the dataset\'s description, a JSON object {"template": "a photo of a {}.", '
                      '"classnames": [name of label 0, name of label 1, ...]} (both optional)')
 
@@ -143,7 +149,8 @@ def _read_dataset(name: str, root: Path) -> Dataset:
                    "imagenet": _read_imagenet, "imagenet_variant": _read_imagenet_variant}
         splits = readers[spec.reader](spec, folder)
         classnames = _classnames(splits["test"] or splits["train"])
-        return Dataset(name, classnames, spec.template, *(splits[s] for s in SPLITS), folder)
+        return Dataset(name, classnames, spec.template, *(splits[s] for s in SPLITS), folder,
+                       folder / spec.image_dir)
     path = Path(name).expanduser()
     if path.is_dir():
         return read_user_folder(path, path.name)
@@ -163,14 +170,19 @@ def read_user_folder(folder: Path, name: str) -> Dataset:
         splits = _read_split_file(split_file, image_root, {})
     else:
         splits = _split_class_folders(image_root)
-    if not splits["train"] or not splits["test"]:
-        found = len(splits["train"]) + len(splits["val"]) + len(splits["test"])
+    counts = {split: len(items) for split, items in splits.items()}
+    if any(counts.values()) and not (counts["train"] and counts["test"]):
         raise UserError(
-            f"The dataset folder {folder} has no images for training or testing: found "
-            f"{found} images, {len(splits['train'])} of them for training and "
-            f"{len(splits['test'])} for testing. Expected class subfolders of images in "
-            f"{image_root}, each with at least 2 images (split 50/20/30 into train, val and "
-            "test), or a split.json listing them."
+            f"The dataset folder {folder} has too few images to train and test: the split "
+            f"gives {counts['train']} training, {counts['val']} validation and "
+            f"{counts['test']} test images. Class folders without split.json are split "
+            "50/20/30 per class, so every class needs at least 2 images (better 10 or more); "
+            "add images, or list train and test images in a split.json (CoOp format)."
+        )
+    if not splits["train"] or not splits["test"]:
+        raise UserError(
+            f"The dataset folder {folder} has no images: expected class subfolders of images "
+            f"in {image_root} (or a split.json listing them)."
         )
     classnames = meta.get("classnames") or _classnames(splits["train"] + splits["test"])
     template = meta.get("template", "a photo of a {}.")
@@ -184,7 +196,8 @@ def read_user_folder(folder: Path, name: str) -> Dataset:
             "prompt learning classifies among classes, so it needs at least two. Add class "
             "folders (or entries in split.json) for the other classes."
         )
-    return Dataset(name, classnames, template, *(splits[s] for s in SPLITS), folder)
+    return Dataset(name, classnames, template, *(splits[s] for s in SPLITS), folder,
+                   image_root)
 
 
 def _checked(dataset: Dataset) -> Dataset:
@@ -297,8 +310,8 @@ def _read_imagenet_variant(spec: DatasetSpec, folder: Path) -> dict[str, list[It
 def _split_class_folders(image_root: Path, train: float = 0.5, val: float = 0.2,
                          seed: int = 1) -> dict[str, list[Item]]:
     """Split each class folder 50/20/30 with a fixed seed (CoOp's read_and_split_data)."""
-    folders = sorted(p for p in image_root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                     and p.name not in NOT_CLASS_FOLDERS) if image_root.is_dir() else []
+    folders = sorted(p for p in image_root.iterdir() if p.is_dir() and p.name != FEWSHOT_DIR
+                     and not p.name.startswith(".")) if image_root.is_dir() else []
     splits: dict[str, list[Item]] = {s: [] for s in SPLITS}
     rng = random.Random(seed)
     for label, sub in enumerate(folders):
