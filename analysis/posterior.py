@@ -201,9 +201,9 @@ def posterior_samples(run_dir: str | Path, num_samples: int | None = None,
     Returns:
         :class:`RunPosterior` with one :class:`SplitSamples` per split.
     """
-    if num_samples < 1:
+    if num_samples is not None and num_samples < 1:
         raise UserError(f"--num-samples must be 1 or more (got {num_samples}): it is the number "
-                        "S of posterior samples drawn per test image, 50 by default.")
+                        "S of posterior samples drawn per test image (default: the run's).")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"Run folder not found: {run_dir}. Pass a folder written by "
