@@ -11,22 +11,24 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
 from bayesprompt.errors import UserError
-from bayesprompt.prompt_model import PromptModel
+from bayesprompt.prompt_model import OptimizerGroup, PromptModel
 
 #: Weight of the KL term of the reference implementation's objective.
 PAPER_KL_WEIGHT = 1e-3
 OBJECTIVES = ("elbo", "paper")
+GROUP_OPTIMIZERS = ("adam", "sgd")
 
 Objective = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -45,6 +47,33 @@ class TrainConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     seed: int = 1
+
+
+@dataclass
+class TrainHistory:
+    """Per-epoch training curves: the mean objective per image, and the mean value of each
+    `pyro.factor` term of the model (e.g. E2MIM's "mi"; None in epochs where it was absent)."""
+
+    loss: list[float] = field(default_factory=list)
+    factors: dict[str, list[float | None]] = field(default_factory=dict)
+
+
+def is_factor_site(name: str, site: dict) -> bool:
+    """An observed sample site other than the label `y`: a `pyro.factor` term."""
+    return site["type"] == "sample" and site["is_observed"] and name != "y"
+
+
+class FactorRecorder(Messenger):
+    """Records, for the model runs inside it, the mean (over particles and images) of every
+    factor term's unscaled value: `values[name]`, a detached scalar tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[str, torch.Tensor] = {}
+
+    def _postprocess_message(self, msg: dict) -> None:
+        if is_factor_site(msg["name"], msg):
+            self.values[msg["name"]] = msg["fn"].log_prob(msg["value"]).detach().mean()
 
 
 def particle_traces(program: PromptModel, num_particles: int, *args
@@ -94,8 +123,7 @@ def paper_objective(program: PromptModel, num_particles: int) -> Objective:
             prior = model_trace.nodes[name]["fn"]
             kl = kl + (kl_divergence(posterior, prior) / posterior.event_shape.numel()).mean()
         factors = sum((-site["fn"].log_prob(site["value"]).mean()
-                       for name, site in model_trace.nodes.items()
-                       if site["type"] == "sample" and site["is_observed"] and name != "y"),
+                       for name, site in model_trace.nodes.items() if is_factor_site(name, site)),
                       torch.zeros((), device=features.device))
         return nll.mean() + PAPER_KL_WEIGHT * kl + factors
 
@@ -139,13 +167,44 @@ def load_checkpoint(path: Path, identity: dict) -> dict:
     return state
 
 
+def group_optimizers(named: dict[str, torch.nn.Parameter], groups: tuple[OptimizerGroup, ...],
+                     config: TrainConfig
+                     ) -> tuple[torch.optim.Optimizer | None, dict[str, torch.optim.Optimizer]]:
+    """The reference SGD over the parameters of no group, and one optimiser per group that
+    holds parameters (a parameter belongs to the first group whose prefix its name has)."""
+    members: dict[str, list[torch.nn.Parameter]] = {group.prefix: [] for group in groups}
+    rest = []
+    for name, parameter in named.items():
+        prefix = next((g.prefix for g in groups if name.startswith(g.prefix)), None)
+        (rest if prefix is None else members[prefix]).append(parameter)
+    sgd = None
+    if rest:
+        sgd = torch.optim.SGD(rest, lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
+    optimizers = {}
+    for group in groups:
+        if group.optimizer not in GROUP_OPTIMIZERS:
+            raise UserError(f"Unknown optimiser '{group.optimizer}' for the parameters "
+                            f"'{group.prefix}*'; choose one of {', '.join(GROUP_OPTIMIZERS)}.")
+        if not members[group.prefix]:
+            continue
+        if group.optimizer == "adam":
+            optimizers[group.prefix] = torch.optim.Adam(members[group.prefix], lr=group.lr)
+        else:
+            optimizers[group.prefix] = torch.optim.SGD(members[group.prefix], lr=group.lr,
+                                                       momentum=config.momentum)
+    return sgd, optimizers
+
+
 def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
           config: TrainConfig, checkpoint: Path | None = None, identity: dict | None = None,
-          resume: bool = False) -> list[float]:
-    """SVI on cached features (V views, N images, D) with labels (N,); returns epoch losses.
+          resume: bool = False) -> TrainHistory:
+    """SVI on cached features (V views, N images, D) with labels (N,); returns the curves.
 
-    After every epoch the param store, optimiser and RNG state are written atomically to
-    `checkpoint`; `resume=True` continues from it to the same result as an uninterrupted run.
+    Parameters of the model's `optimizer_groups` get their own optimiser at a constant rate;
+    all others the reference SGD with warm-up and cosine schedule. After every epoch the param
+    store, every optimiser's state and the RNG state are written atomically to `checkpoint`;
+    `resume=True` continues from it to the same result as an uninterrupted run.
     """
     views, dataset_size, _ = features.shape
     identity = identity or {}
@@ -153,48 +212,64 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     torch.manual_seed(config.seed)
     objective = make_objective(program, config)
     objective(features[0, :1], labels[:1], dataset_size)  # creates the parameters
-    parameters = [p for _, p in pyro.get_param_store().named_parameters()]
-    if not parameters or config.epochs == 0:
-        return []
+    if not list(pyro.get_param_store().keys()) or config.epochs == 0:
+        return TrainHistory()
 
-    history: list[float] = []
+    history = TrainHistory()
     start_epoch = 0
     if resume and checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint, identity)
-        parameters = [p for _, p in pyro.get_param_store().named_parameters()]
-        start_epoch, history = state["epoch"], state["history"]
-    optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+        start_epoch, history = state["epoch"], TrainHistory(**state["history"])
+    named = dict(pyro.get_param_store().named_parameters())
+    sgd, groups = group_optimizers(named, program.optimizer_groups, config)
     if start_epoch:
-        optimizer.load_state_dict(state["optimizer"])
+        if sgd is not None:
+            sgd.load_state_dict(state["optimizer"])
+        for prefix, optimizer in groups.items():
+            optimizer.load_state_dict(state["group_optimizers"][prefix])
         torch.set_rng_state(state["rng"])
+    optimizers = [o for o in (sgd, *groups.values()) if o is not None]
 
     steps = math.ceil(dataset_size / config.batch_size)
     progress = tqdm(total=config.epochs * steps, initial=start_epoch * steps, desc="SVI",
                     unit="step", dynamic_ncols=True)
     for epoch in range(start_epoch, config.epochs):
-        for group in optimizer.param_groups:
+        for group in sgd.param_groups if sgd is not None else []:
             group["lr"] = learning_rate(epoch, config)
         order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         permutation = torch.randperm(dataset_size, generator=order)
         view_of_image = torch.randint(views, (dataset_size,), generator=order)
         total = 0.0
+        factor_totals: dict[str, torch.Tensor] = {}      # name -> sum of value * images
+        factor_images: dict[str, int] = {}                # name -> images of those steps
         for step in range(steps):
             index = permutation[step * config.batch_size:(step + 1) * config.batch_size]
             batch = features[view_of_image[index], index]
-            loss = objective(batch, labels[index], dataset_size)
-            optimizer.zero_grad()
+            with FactorRecorder() as recorder:
+                loss = objective(batch, labels[index], dataset_size)
+            for optimizer in optimizers:
+                optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
             total += loss.item() * len(index)
+            for name, value in recorder.values.items():
+                factor_totals[name] = factor_totals.get(name, 0.0) + value * len(index)
+                factor_images[name] = factor_images.get(name, 0) + len(index)
             progress.update()
             progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-        history.append(total / dataset_size)
+        history.loss.append(total / dataset_size)
+        for name in sorted(factor_totals.keys() | history.factors.keys()):
+            curve = history.factors.setdefault(name, [None] * epoch)
+            curve.append(float(factor_totals[name] / factor_images[name])
+                         if name in factor_totals else None)
         if checkpoint is not None:
-            save_atomic({"epoch": epoch + 1, "history": history, "identity": identity,
+            save_atomic({"epoch": epoch + 1, "history": asdict(history), "identity": identity,
                          "train_config": asdict(config),
                          "param_store": pyro.get_param_store().get_state(),
-                         "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+                         "optimizer": sgd.state_dict() if sgd is not None else None,
+                         "group_optimizers": {k: o.state_dict() for k, o in groups.items()},
+                         "rng": torch.get_rng_state()},
                         checkpoint)
     progress.close()
     return history
