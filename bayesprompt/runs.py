@@ -197,10 +197,15 @@ def new_class_metrics(program: PromptModel, base_probs: torch.Tensor, new_probs:
             "mi_auroc_new_vs_base": mi_auroc}
 
 
-def write_json_atomic(obj: dict, path: Path) -> None:
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    write_text_atomic(json.dumps(obj, indent=2), path)
 
 
 def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
