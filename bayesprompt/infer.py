@@ -22,6 +22,7 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
+from bayesprompt import distributed
 from bayesprompt.errors import UserError
 from bayesprompt.prompt_model import OptimizerGroup, PromptModel
 
@@ -152,8 +153,9 @@ def save_atomic(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, identity: dict) -> dict:
-    """Read a checkpoint, check it belongs to this run (`identity`), restore the param store."""
+def load_checkpoint(path: Path, identity: dict, device: torch.device | str = "cpu") -> dict:
+    """Read a checkpoint, check it belongs to this run (`identity`), restore the param store
+    with its parameters on `device`."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     mismatched = [key for key in identity if state["identity"].get(key) != identity[key]]
     if mismatched:
@@ -163,6 +165,9 @@ def load_checkpoint(path: Path, identity: dict) -> dict:
             f"The checkpoint {path} belongs to another run ({details}). Use a new --out "
             "folder, or the options the checkpoint was trained with."
         )
+    params = state["param_store"]["params"]
+    for name, value in params.items():
+        params[name] = value.detach().to(device).requires_grad_(value.requires_grad)
     pyro.get_param_store().set_state(state["param_store"])
     return state
 
@@ -205,6 +210,10 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     all others the reference SGD with warm-up and cosine schedule. After every epoch the param
     store, every optimiser's state and the RNG state are written atomically to `checkpoint`;
     `resume=True` continues from it to the same result as an uninterrupted run.
+    Under torchrun (`bayesprompt.distributed`) every rank starts from rank 0's parameters, takes
+    its slice of each global batch of `config.batch_size` images, and the share-weighted
+    gradients are summed over ranks before the step; rank 0 alone writes the checkpoint. The
+    factor history is each rank's own (rank 0's is the one written).
     """
     views, dataset_size, _ = features.shape
     identity = identity or {}
@@ -212,15 +221,18 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     torch.manual_seed(config.seed)
     objective = make_objective(program, config)
     objective(features[0, :1], labels[:1], dataset_size)  # creates the parameters
-    if not list(pyro.get_param_store().keys()) or config.epochs == 0:
+    parameters = [p for _, p in pyro.get_param_store().named_parameters()]
+    if not parameters or config.epochs == 0:
         return TrainHistory()
+    distributed.broadcast_parameters(parameters)
 
     history = TrainHistory()
     start_epoch = 0
     if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, identity)
+        state = load_checkpoint(checkpoint, identity, features.device)
         start_epoch, history = state["epoch"], TrainHistory(**state["history"])
     named = dict(pyro.get_param_store().named_parameters())
+    parameters = list(named.values())
     sgd, groups = group_optimizers(named, program.optimizer_groups, config)
     if start_epoch:
         if sgd is not None:
@@ -232,8 +244,9 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
 
     steps = math.ceil(dataset_size / config.batch_size)
     progress = tqdm(total=config.epochs * steps, initial=start_epoch * steps, desc="SVI",
-                    unit="step", dynamic_ncols=True)
+                    unit="step", dynamic_ncols=True, disable=not distributed.is_main_process())
     for epoch in range(start_epoch, config.epochs):
+        distributed.seed_rank_stream(config.seed, epoch)
         for group in sgd.param_groups if sgd is not None else []:
             group["lr"] = learning_rate(epoch, config)
         order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
@@ -244,18 +257,20 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
         factor_images: dict[str, int] = {}                # name -> images of those steps
         for step in range(steps):
             index = permutation[step * config.batch_size:(step + 1) * config.batch_size]
-            batch = features[view_of_image[index], index]
-            with FactorRecorder() as recorder:
-                loss = objective(batch, labels[index], dataset_size)
+            local, share = distributed.shard(index)
+            batch = features[view_of_image[local], local]
             for optimizer in optimizers:
                 optimizer.zero_grad()
+            with FactorRecorder() as recorder:
+                loss = share * objective(batch, labels[local], dataset_size)
             loss.backward()
+            loss = distributed.all_reduce_gradients(parameters, loss)
             for optimizer in optimizers:
                 optimizer.step()
             total += loss.item() * len(index)
             for name, value in recorder.values.items():
-                factor_totals[name] = factor_totals.get(name, 0.0) + value * len(index)
-                factor_images[name] = factor_images.get(name, 0) + len(index)
+                factor_totals[name] = factor_totals.get(name, 0.0) + value * len(local)
+                factor_images[name] = factor_images.get(name, 0) + len(local)
             progress.update()
             progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
         history.loss.append(total / dataset_size)
@@ -263,7 +278,7 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
             curve = history.factors.setdefault(name, [None] * epoch)
             curve.append(float(factor_totals[name] / factor_images[name])
                          if name in factor_totals else None)
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main_process():
             save_atomic({"epoch": epoch + 1, "history": asdict(history), "identity": identity,
                          "train_config": asdict(config),
                          "param_store": pyro.get_param_store().get_state(),
