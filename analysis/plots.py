@@ -353,9 +353,9 @@ def plot_grouped_bars(
             stds = np.array([np.nan if s is None else s for _, s in values])
             ax.bar(x + (k - (len(series) - 1) / 2) * width, means, width, yerr=stds,
                    capsize=2, color=colours(k), label=name, error_kw={"elinewidth": 0.8})
-        lowest = np.nanmin([m - (s or 0) for bars in groups.values()
-                            for m, s in bars.values() if m is not None], initial=0.0)
-        ax.set_ylim(bottom=max(0.0, 10 * math.floor((lowest - 5) / 10)))
+        lows = [m - (s or 0) for bars in groups.values() for m, s in bars.values()
+                if m is not None]
+        ax.set_ylim(bottom=max(0.0, 10 * math.floor((min(lows, default=0) - 5) / 10)))
         ax.set_xticks(x, list(groups), rotation=30, ha="right", fontsize=8)
         ax.set(title=title, ylabel=ylabel)
         ax.grid(axis="y", alpha=0.3)

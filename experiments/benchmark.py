@@ -90,8 +90,8 @@ class Row:
 
 def parse_value(name: str, text: str, where: str) -> object:
     """The text of a RunConfig field's value, parsed by the field's type."""
-    kinds = get_args(FIELD_TYPES[name]) if isinstance(FIELD_TYPES[name], types.UnionType) \
-        else (FIELD_TYPES[name],)
+    annotation = FIELD_TYPES[name]
+    kinds = get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     if type(None) in kinds and text.lower() in ("", "none", "null"):
         return None
     kind = next(k for k in kinds if k is not type(None))
@@ -217,11 +217,12 @@ def base2new_entries(results: dict[tuple[str, str], list[dict]], datasets: list[
                      rows: list[Row]) -> list[dict]:
     """Table entries per dataset and row, then the average over datasets per row.
 
-    The average of a metric is taken per seed over the datasets, then mean ± std over seeds;
-    HM is the harmonic mean of the seed-mean base and new accuracies (of the average too).
+    The average (of two or more datasets) of a metric is taken per seed over the datasets,
+    then mean ± std over seeds; HM is the harmonic mean of the seed-mean base and new
+    accuracies (of the average too).
     """
     entries = []
-    for dataset in [*datasets, None]:
+    for dataset in [*datasets, None] if len(datasets) > 1 else datasets:
         for row in rows:
             if dataset is None:
                 per_seed = zip(*(results[d, row.label] for d in datasets), strict=True)
@@ -274,10 +275,15 @@ def markdown_table(header: list[str], lines: list[list[str]]) -> str:
                       *("| " + " | ".join(line) + " |" for line in lines)])
 
 
+def table_datasets(entries: list[dict]) -> list[str]:
+    """The datasets of base2new entries, the average (if any) first, as CoCoOp's table."""
+    return sorted(dict.fromkeys(e["dataset"] for e in entries), key=lambda d: d != "average")
+
+
 def base2new_markdown(entries: list[dict], datasets: list[str]) -> str:
     header = ["model", "base", "new", "HM", "ECE new", "NLL new", "AUROC MI", "train s"]
     sections = []
-    for dataset in ["average", *datasets]:
+    for dataset in table_datasets(entries):
         lines = [[e["model"], *(show(e[k], pct) for k, _, pct in BASE2NEW_COLUMNS[:2]),
                   show(e["hm"]), *(show(e[k], pct) for k, _, pct in BASE2NEW_COLUMNS[2:]),
                   show(e["train_seconds"], True)]
@@ -325,7 +331,8 @@ def bar_panels(entries: list[dict], protocol: str, datasets: list[str]) -> dict:
         return {("average over datasets" if d == "average" else Path(d).name): {
             e["model"]: {"base": bar(e["base_acc"]), "new": bar(e["new_acc"]),
                          "HM": (e["hm"], None)}
-            for e in entries if e["dataset"] == d} for d in ["average", *datasets]}
+            for e in entries if e["dataset"] == d}
+            for d in table_datasets(entries)}
     source, targets = datasets[0], datasets[1:]
     return {f"trained on {Path(source).name}": {
         e["model"]: {f"{Path(source).name} (source)": bar(e["source"]),
@@ -366,7 +373,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "options.KEY=VALUE sets a model file's own option (what svi_train.py's "
                         "--set sets), e.g. options.mi_weight=0. Repeatable")
     parser.add_argument("--variant", dest="variants", action="append", default=[],
-                        type=str, metavar="LABEL:KEY=VALUE[,KEY=VALUE...]",
+                        metavar="LABEL:KEY=VALUE[,KEY=VALUE...]",
                         help="extra rows with these settings (same keys as --set), labelled "
                         "MODEL-LABEL: for every model, or only for the one named by model=NAME")
     parser.add_argument("--out", help="benchmark folder (default: runs/benchmark/PROTOCOL)")

@@ -109,7 +109,7 @@ def test_hm_is_taken_from_the_seed_means() -> None:
     results = {("d", "m"): [{"base_acc": 60.0, "new_acc": 80.0},
                             {"base_acc": 80.0, "new_acc": 60.0}]}
     rows = [benchmark["Row"]("m")]
-    entry = benchmark["base2new_entries"](results, ["d"], rows)[0]
+    (entry,) = benchmark["base2new_entries"](results, ["d"], rows)  # no average of one
     assert entry["hm"] == pytest.approx(70.0)
     assert entry["base_acc"] == {"mean": 70.0, "std": pytest.approx(14.142, abs=1e-3), "n": 2}
     assert entry["mi_auroc_new_vs_base"] is None
