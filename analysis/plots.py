@@ -341,7 +341,7 @@ def plot_grouped_bars(
                                 for s in bars))
     n_groups = max(len(groups) for groups in panels.values())
     width = 0.8 / len(series)
-    fig = _figure(figsize=(max(4.0, 0.9 * n_groups * (1 + 0.15 * len(series))),
+    fig = _figure(figsize=(max(6.0, 1.2 * n_groups * (0.5 + 0.25 * len(series))),
                            3.2 * len(panels)), layout="tight")
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     colours = matplotlib.colormaps["tab10"]
@@ -359,5 +359,5 @@ def plot_grouped_bars(
         ax.set_xticks(x, list(groups), rotation=30, ha="right", fontsize=8)
         ax.set(title=title, ylabel=ylabel)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8, ncols=len(series), loc="lower left", bbox_to_anchor=(0, 1.12))
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
