@@ -145,6 +145,9 @@ class DualViewModel(PromptModel):
             n_classes = len(classnames)
             self.critic = Critic(n_classes, n_classes, options.critic_hidden).to(clip.device)
 
+    def check_options(self, options: dict) -> None:
+        E2MIMOptions.parse(options)
+
     @cached_property
     def options(self) -> E2MIMOptions:
         """The checked `--set` options, parsed once."""

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bayesprompt.clip import FrozenCLIP
+from bayesprompt.errors import UserError
 from bayesprompt.prompts import ClassPrompts, initial_context
 
 
@@ -55,10 +56,20 @@ class PromptModel(nn.Module):
 
     def __init__(self, clip: FrozenCLIP, classnames: list[str], config: PromptConfig) -> None:
         super().__init__()
+        self.check_options(config.options)
         self.clip = clip
         self.config = config
         self.register_buffer("init_ctx", initial_context(clip, config.n_ctx, config.ctx_init))
         self.set_classes(classnames)
+
+    def check_options(self, options: dict) -> None:
+        """Refuse `--set` options; a model file with options of its own overrides this."""
+        if options:
+            raise UserError(
+                f"The model {type(self).__name__} takes no --set options, got "
+                f"{', '.join(sorted(options))}. Drop them, or use a model that defines them "
+                "(e.g. e2mim)."
+            )
 
     def set_classes(self, classnames: list[str]) -> None:
         """Point the model at another class set (base -> new); learned parameters are kept."""

@@ -55,7 +55,7 @@ def test_all_classes_has_no_new_split(run_args: list[str], tmp_path: Path) -> No
 
 
 def test_resume_continues_to_the_same_result(run_args: list[str], tmp_path: Path,
-                                             monkeypatch) -> None:
+                                             monkeypatch, capsys) -> None:
     args = [*run_args, "--model", "vpt", "--epochs", "3"]
     run_cli([*args, "--out", str(tmp_path / "full")])
     full = json.loads((tmp_path / "full/results.json").read_text())
@@ -72,8 +72,11 @@ def test_resume_continues_to_the_same_result(run_args: list[str], tmp_path: Path
             raise KeyboardInterrupt  # the run is stopped after its second epoch
 
     monkeypatch.setattr(infer, "save_atomic", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:
         run_cli(args)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "Interrupted" in err and "--resume" in err and "Traceback" not in err
     assert not (tmp_path / "run/results.json").exists()
     monkeypatch.setattr(infer, "save_atomic", save)
     run_cli([*args, "--resume"])
