@@ -80,7 +80,7 @@ DATASETS: dict[str, DatasetSpec] = {
 #: base-to-new datasets; (source, targets) for cross-dataset transfer and for domain
 #: generalisation.
 BENCHMARK_DEFAULTS: dict[str, list[str] | tuple[str, list[str]]] = {
-    "base2new": ["miniworld", "miniworld_b"],
+    "base2new": ["miniworld", "miniworld_recolor"],
     "cross_dataset": ("miniworld", ["miniworld_b"]),
     "domain_generalization": ("miniworld",
                               ["miniworld_sketch", "miniworld_noise", "miniworld_recolor"]),
