@@ -116,6 +116,11 @@ def write_bytes(path: Path | str, data: bytes) -> Path:
     return atomic_write(path, lambda temporary: temporary.write_bytes(data))
 
 
+def write_text(path: Path | str, text: str) -> Path:
+    """Atomically write `text` (UTF-8) to `path`."""
+    return write_bytes(path, text.encode())
+
+
 def write_json(path: Path | str, obj: Any, indent: int | None = 2) -> Path:
     """Atomically write `obj` as JSON (serialised before the disk is touched)."""
     return write_bytes(path, json.dumps(obj, indent=indent).encode())

@@ -13,7 +13,7 @@ import pickle
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyro
@@ -21,22 +21,24 @@ import pyro.util
 import torch
 from pyro import poutine
 from pyro.infer import Predictive, Trace_ELBO
+from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
 from bayesprompt import distributed
 from bayesprompt.errors import UserError
 from bayesprompt.files import save_torch
-from bayesprompt.prompt_model import PromptModel
+from bayesprompt.prompt_model import OptimizerGroup, PromptModel
 
 #: Weight of the KL term of the reference implementation's objective.
 PAPER_KL_WEIGHT = 1e-3
 OBJECTIVES = ("elbo", "paper")
+GROUP_OPTIMIZERS = ("adam", "sgd")
 #: A step whose loss exceeds this many times the first step's (at least 1 in size) diverged.
 DIVERGENCE_FACTOR = 1e4
 #: Keys every checkpoint holds.
 CHECKPOINT_KEYS = ("epoch", "history", "identity", "train_config", "param_store", "optimizer",
-                   "rng", "cuda_rng", "reference_loss")
+                   "group_optimizers", "rng", "cuda_rng", "reference_loss")
 
 Objective = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -55,6 +57,33 @@ class TrainConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     seed: int = 1
+
+
+@dataclass
+class TrainHistory:
+    """Per-epoch training curves: the mean objective per image, and the mean value of each
+    `pyro.factor` term of the model (e.g. E2MIM's "mi"; None in epochs where it was absent)."""
+
+    loss: list[float] = field(default_factory=list)
+    factors: dict[str, list[float | None]] = field(default_factory=dict)
+
+
+def is_factor_site(name: str, site: dict) -> bool:
+    """An observed sample site other than the label `y`: a `pyro.factor` term."""
+    return site["type"] == "sample" and site["is_observed"] and name != "y"
+
+
+class FactorRecorder(Messenger):
+    """Records, for the model runs inside it, the mean (over particles and images) of every
+    factor term's unscaled value: `values[name]`, a detached scalar tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[str, torch.Tensor] = {}
+
+    def _postprocess_message(self, msg: dict) -> None:
+        if is_factor_site(msg["name"], msg):
+            self.values[msg["name"]] = msg["fn"].log_prob(msg["value"]).detach().mean()
 
 
 def particle_traces(program: PromptModel, num_particles: int, *args
@@ -104,8 +133,7 @@ def paper_objective(program: PromptModel, num_particles: int) -> Objective:
             prior = model_trace.nodes[name]["fn"]
             kl = kl + (kl_divergence(posterior, prior) / posterior.event_shape.numel()).mean()
         factors = sum((-site["fn"].log_prob(site["value"]).mean()
-                       for name, site in model_trace.nodes.items()
-                       if site["type"] == "sample" and site["is_observed"] and name != "y"),
+                       for name, site in model_trace.nodes.items() if is_factor_site(name, site)),
                       torch.zeros((), device=features.device))
         return nll.mean() + PAPER_KL_WEIGHT * kl + factors
 
@@ -209,19 +237,51 @@ def _parameters_finite(parameters: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in parameters)
 
 
+def group_optimizers(named: dict[str, torch.nn.Parameter], groups: tuple[OptimizerGroup, ...],
+                     config: TrainConfig
+                     ) -> tuple[torch.optim.Optimizer | None, dict[str, torch.optim.Optimizer]]:
+    """The reference SGD over the parameters of no group, and one optimiser per group that
+    holds parameters (a parameter belongs to the first group whose prefix its name has)."""
+    members: dict[str, list[torch.nn.Parameter]] = {group.prefix: [] for group in groups}
+    rest = []
+    for name, parameter in named.items():
+        prefix = next((g.prefix for g in groups if name.startswith(g.prefix)), None)
+        (rest if prefix is None else members[prefix]).append(parameter)
+    sgd = None
+    if rest:
+        sgd = torch.optim.SGD(rest, lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
+    optimizers = {}
+    for group in groups:
+        if group.optimizer not in GROUP_OPTIMIZERS:
+            raise UserError(f"Unknown optimiser '{group.optimizer}' for the parameters "
+                            f"'{group.prefix}*'; choose one of {', '.join(GROUP_OPTIMIZERS)}.")
+        if not members[group.prefix]:
+            continue
+        if group.optimizer == "adam":
+            optimizers[group.prefix] = torch.optim.Adam(members[group.prefix], lr=group.lr)
+        else:
+            optimizers[group.prefix] = torch.optim.SGD(members[group.prefix], lr=group.lr,
+                                                       momentum=config.momentum)
+    return sgd, optimizers
+
+
 def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
           config: TrainConfig, checkpoint: Path | None = None, identity: dict | None = None,
-          resume: bool = False) -> list[float]:
-    """SVI on cached features (V views, N images, D) with labels (N,); returns epoch losses.
+          resume: bool = False) -> TrainHistory:
+    """SVI on cached features (V views, N images, D) with labels (N,); returns the curves.
 
-    After every epoch the param store, optimiser and RNG states (CPU, and every CUDA device
-    when training on CUDA) are written atomically to `checkpoint`; `resume=True` continues from
-    it to the same result as an uninterrupted run. A non-finite or exploding loss stops
-    training with `Diverged`, leaving the last good checkpoint in place.
+    Parameters of the model's `optimizer_groups` get their own optimiser at a constant rate;
+    all others the reference SGD with warm-up and cosine schedule. After every epoch the param
+    store, every optimiser's state and the RNG states (CPU, and every CUDA device when training
+    on CUDA) are written atomically to `checkpoint`; `resume=True` continues from it to the
+    same result as an uninterrupted run. A non-finite or exploding loss stops training with
+    `Diverged`, leaving the last good checkpoint in place.
     Under torchrun (`bayesprompt.distributed`) every rank starts from rank 0's parameters, takes
     its slice of each global batch of `config.batch_size` images, and the share-weighted
     gradients are summed over ranks before the step; rank 0 alone writes the checkpoint. The
     divergence check reads the loss summed over ranks, so every rank stops at the same step.
+    The factor history is each rank's own (rank 0's is the one written).
     """
     views, dataset_size, _ = features.shape
     identity = identity or {}
@@ -233,21 +293,25 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     names = set(pyro.get_param_store().keys())
     parameters = [p for _, p in pyro.get_param_store().named_parameters()]
     if not parameters or config.epochs == 0:
-        return []
+        return TrainHistory()
     distributed.broadcast_parameters(parameters)
 
-    history: list[float] = []
+    history = TrainHistory()
     start_epoch, reference = 0, None
     if resume and checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint, identity, features.device)
-        parameters = [p for _, p in pyro.get_param_store().named_parameters()]
-        start_epoch, history = state["epoch"], state["history"]
+        start_epoch, history = state["epoch"], TrainHistory(**state["history"])
         reference = state["reference_loss"]
-    optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    named = dict(pyro.get_param_store().named_parameters())
+    parameters = list(named.values())
+    sgd, groups = group_optimizers(named, program.optimizer_groups, config)
     if start_epoch:
-        optimizer.load_state_dict(state["optimizer"])
+        if sgd is not None:
+            sgd.load_state_dict(state["optimizer"])
+        for prefix, optimizer in groups.items():
+            optimizer.load_state_dict(state["group_optimizers"][prefix])
         _set_rng_state(state["rng"], state["cuda_rng"])
+    optimizers = [o for o in (sgd, *groups.values()) if o is not None]
 
     steps = math.ceil(dataset_size / config.batch_size)
     stepped = start_epoch > 0
@@ -255,26 +319,31 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
                     unit="step", dynamic_ncols=True, disable=not distributed.is_main_process())
     for epoch in range(start_epoch, config.epochs):
         distributed.seed_rank_stream(config.seed, epoch)
-        for group in optimizer.param_groups:
+        for group in sgd.param_groups if sgd is not None else []:
             group["lr"] = learning_rate(epoch, config)
         order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         permutation = torch.randperm(dataset_size, generator=order)
         view_of_image = torch.randint(views, (dataset_size,), generator=order)
         total = 0.0
+        factor_totals: dict[str, torch.Tensor] = {}      # name -> sum of value * images
+        factor_images: dict[str, int] = {}                # name -> images of those steps
         for step in range(steps):
             index = permutation[step * config.batch_size:(step + 1) * config.batch_size]
             local, share = distributed.shard(index)
             batch = features[view_of_image[local], local]
-            optimizer.zero_grad()
+            for optimizer in optimizers:
+                optimizer.zero_grad()
             try:
-                loss = share * objective(batch, labels[local], dataset_size)
+                with FactorRecorder() as recorder:
+                    loss = share * objective(batch, labels[local], dataset_size)
             except ValueError as error:  # a distribution refused the parameters
                 if not stepped:  # before any update: the model file's own fault
                     raise
                 progress.close()
                 what = ("a distribution got invalid parameters: "
                         f"{str(error).splitlines()[0]}")
-                raise _diverged(epoch, step, what, checkpoint, len(history), config.lr) from None
+                raise _diverged(epoch, step, what, checkpoint, len(history.loss),
+                                config.lr) from None
             loss.backward()
             loss = distributed.all_reduce_gradients(parameters, loss)
             value = loss.item()
@@ -284,8 +353,9 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
                 progress.close()
                 what = (f"the loss is {value:.4g} (non-finite, or more than "
                         f"{DIVERGENCE_FACTOR:g} times the first step's)")
-                raise _diverged(epoch, step, what, checkpoint, len(history), config.lr)
-            optimizer.step()
+                raise _diverged(epoch, step, what, checkpoint, len(history.loss), config.lr)
+            for optimizer in optimizers:
+                optimizer.step()
             stepped = True
             grown = set(pyro.get_param_store().keys()) - names
             if grown:
@@ -297,22 +367,30 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
                     f"{config.batch_size} images)."
                 )
             total += value * len(index)
+            for name, factor in recorder.values.items():
+                factor_totals[name] = factor_totals.get(name, 0.0) + factor * len(local)
+                factor_images[name] = factor_images.get(name, 0) + len(local)
             progress.update()
             progress.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}")
         if not _parameters_finite(parameters):
             progress.close()
             raise _diverged(epoch, steps - 1, "the parameters are no longer finite", checkpoint,
-                            len(history), config.lr)
-        history.append(total / dataset_size)
+                            len(history.loss), config.lr)
+        history.loss.append(total / dataset_size)
+        for name in sorted(factor_totals.keys() | history.factors.keys()):
+            curve = history.factors.setdefault(name, [None] * epoch)
+            curve.append(float(factor_totals[name] / factor_images[name])
+                         if name in factor_totals else None)
         if checkpoint is not None and distributed.is_main_process():
             cpu_rng, cuda_rng = _rng_state(features.device)
             params = {name: value.detach().cpu()
                       for name, value in pyro.get_param_store().get_state()["params"].items()}
             save_torch(checkpoint, {
-                "epoch": epoch + 1, "history": history, "identity": identity,
+                "epoch": epoch + 1, "history": asdict(history), "identity": identity,
                 "train_config": asdict(config), "param_store": params,
-                "optimizer": optimizer.state_dict(), "rng": cpu_rng, "cuda_rng": cuda_rng,
-                "reference_loss": reference})
+                "optimizer": sgd.state_dict() if sgd is not None else None,
+                "group_optimizers": {k: o.state_dict() for k, o in groups.items()},
+                "rng": cpu_rng, "cuda_rng": cuda_rng, "reference_loss": reference})
     progress.close()
     return history
 

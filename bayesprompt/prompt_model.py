@@ -33,6 +33,17 @@ class PromptConfig:
     options: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class OptimizerGroup:
+    """Pyro parameters whose names start with `prefix`, trained by their own optimiser
+    ("adam" or "sgd" with momentum 0.9) at the constant learning rate `lr`, instead of the
+    reference SGD with warm-up and cosine schedule (e.g. an MI critic)."""
+
+    prefix: str
+    optimizer: str = "adam"
+    lr: float = 1e-3
+
+
 class PromptModel(nn.Module):
     """Shared machinery of the model files; see the module docstring for the contract."""
 
@@ -40,6 +51,8 @@ class PromptModel(nn.Module):
     stochastic: bool = True
     #: Latent sample sites of `model`, read by objectives and analysis.
     latent_sites: tuple[str, ...] = ()
+    #: Parameters with their own optimiser; all others get the reference SGD schedule.
+    optimizer_groups: tuple[OptimizerGroup, ...] = ()
 
     def __init__(self, clip: FrozenCLIP, classnames: list[str], config: PromptConfig) -> None:
         super().__init__()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import pyro
 import torch
 
@@ -272,6 +273,26 @@ RUN_CONFIG_FILE = ("the run's options as written by svi_train.py; restore the fi
                    "the run again into a new --out folder")
 
 
+def new_class_metrics(program: PromptModel, base_probs: torch.Tensor, new_probs: torch.Tensor,
+                      new_labels: torch.Tensor) -> dict:
+    """ECE and NLL of the predictive mean on the new classes' test images, and the AUROC of the
+    mutual information for telling new-class from base-class images (None for point-estimate
+    models). Probabilities (S, N, C) of each split; see docs/ANALYSIS.md for the metrics."""
+    # analysis/__init__ imports ArviZ (seconds); only this function needs the analysis package
+    from analysis.calibration import expected_calibration_error, negative_log_likelihood
+    from analysis.uncertainty import auroc, mutual_information
+
+    mean_probs = new_probs.double().mean(0)
+    mi_auroc = None
+    if program.stochastic:
+        information = [mutual_information(p.double()) for p in (base_probs, new_probs)]
+        is_new = [np.zeros(len(information[0]), bool), np.ones(len(information[1]), bool)]
+        mi_auroc = auroc(np.concatenate(information), np.concatenate(is_new))
+    return {"new_ece": expected_calibration_error(mean_probs, new_labels),
+            "new_nll": negative_log_likelihood(mean_probs, new_labels),
+            "mi_auroc_new_vs_base": mi_auroc}
+
+
 def holds_run(out: Path) -> bool:
     """True when `out` holds (part of) a run: its config, checkpoint or results."""
     return any((out / name).exists() for name in ("config.json", "checkpoint.pt",
@@ -348,21 +369,24 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
         return None
 
     shared: dict[str, torch.Tensor] = {}
-    base_acc, _, _ = evaluate(program, clip, base, config, shared)
-    new_acc = evaluate(program, clip, new, config, shared)[0] if new is not None else None
+    base_acc, base_probs, _ = evaluate(program, clip, base, config, shared)
+    new_acc, metrics = None, {"new_ece": None, "new_nll": None, "mi_auroc_new_vs_base": None}
+    if new is not None:
+        new_acc, new_probs, new_labels = evaluate(program, clip, new, config, shared)
+        metrics = new_class_metrics(program, base_probs, new_probs, new_labels)
     transfer = {name: evaluate(program, clip, dataset, config, shared)[0]
                 for name, dataset in transfer_sets.items()}
     results = {
         "base_acc": base_acc, "new_acc": new_acc,
         "hm": harmonic_mean(base_acc, new_acc) if new_acc is not None else None,
-        "transfer_acc": transfer,
+        **metrics, "transfer_acc": transfer,
         "dataset": config.dataset, "model": config.model, "shots": config.shots,
         "seed": config.seed, "epochs": config.epochs, "num_particles": config.num_particles,
         "eval_samples": config.eval_samples, "eval_seed": config.eval_seed,
         "fewshot_source": selection.source,
         "train_images": len(base.train), "train_seconds": round(train_seconds, 2),
         "world_size": distributed.world_size(),
-        "loss_history": history,
+        "loss_history": history.loss, "factor_history": history.factors,
     }
     write_json(out / "results.json", results)
     return results

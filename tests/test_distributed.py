@@ -56,7 +56,7 @@ def train_model(name: str, clip, config: TrainConfig, checkpoint: Path | None = 
     torch.manual_seed(0)
     program = load_model_class(name)(clip, CLASSES, PromptConfig())
     features, labels = two_view_features(clip)
-    history = train(program, features, labels, config, checkpoint, {"model": name}, resume)
+    history = train(program, features, labels, config, checkpoint, {"model": name}, resume).loss
     return history, {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
 
 

@@ -59,15 +59,16 @@ def test_unknown_objective() -> None:
         infer.make_objective(None, TrainConfig(objective="mle"))
 
 
-def test_resume_gives_the_same_parameters(tiny_clip, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("model", ["vpt_cond", "e2mim"])  # e2mim: a critic with its own Adam
+def test_resume_gives_the_same_parameters(model, tiny_clip, tmp_path, monkeypatch) -> None:
     features, labels = separable_features(tiny_clip)
     features = torch.cat([features, features + 0.01])                # two views
     config = TrainConfig(epochs=4, batch_size=5, num_particles=3, lr=0.1, seed=7)
-    identity = {"model": "vpt_cond", "classnames": CLASSES}
+    identity = {"model": model, "classnames": CLASSES}
 
     def fresh_program():
         torch.manual_seed(0)
-        return load_model_class("vpt_cond")(tiny_clip, CLASSES, PromptConfig())
+        return load_model_class(model)(tiny_clip, CLASSES, PromptConfig())
 
     uninterrupted = train(fresh_program(), features, labels, config, tmp_path / "a.pt", identity)
     expected = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
@@ -84,17 +85,60 @@ def test_resume_gives_the_same_parameters(tiny_clip, tmp_path, monkeypatch) -> N
     monkeypatch.setattr(infer, "save_torch", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train(fresh_program(), features, labels, config, tmp_path / "b.pt", identity)
-    assert torch.load(tmp_path / "b.pt", weights_only=True)["epoch"] == 2
+    interrupted = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert interrupted["epoch"] == 2
+    assert set(interrupted["group_optimizers"]) == ({"critic"} if model == "e2mim" else set())
     monkeypatch.setattr(infer, "save_torch", save)
     resumed = train(fresh_program(), features, labels, config, tmp_path / "b.pt", identity,
                     resume=True)
-    assert resumed == pytest.approx(uninterrupted)
+    assert resumed.loss == pytest.approx(uninterrupted.loss)
+    assert resumed.factors.keys() == uninterrupted.factors.keys()
+    for name, curve in resumed.factors.items():
+        assert curve == pytest.approx(uninterrupted.factors[name])
+    assert ("mi" in resumed.factors) == (model == "e2mim")
     for name, value in pyro.get_param_store().named_parameters():
         torch.testing.assert_close(value, expected[name])
 
     with pytest.raises(UserError, match="belongs to another run.*classnames"):
         train(fresh_program(), features, labels, config, tmp_path / "b.pt",
-              {"model": "vpt_cond", "classnames": ["a", "b", "c", "d"]}, resume=True)
+              {"model": model, "classnames": ["a", "b", "c", "d"]}, resume=True)
+
+
+def test_optimizer_groups_get_their_own_optimiser(tiny_clip) -> None:
+    # The prompts' SGD at learning rate 0 leaves ctx where it starts; only the critic's Adam
+    # (critic_lr) moves its parameters.
+    features, labels = separable_features(tiny_clip)
+    torch.manual_seed(0)
+    program = load_model_class("e2mim")(tiny_clip, CLASSES, PromptConfig())
+    config = TrainConfig(epochs=2, batch_size=6, num_particles=1, lr=0.0, warmup_epochs=0)
+    pyro.clear_param_store()
+    infer.make_objective(program, config)(features[0, :6], labels[:6], 24)
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+    train(program, features, labels, config)
+    after = dict(pyro.get_param_store().named_parameters())
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("critic$$$") for k in moved)
+    assert "ctx_map" in before and "ctx_map" not in moved
+
+
+def test_factor_history_is_each_factors_mean_per_epoch(tiny_clip) -> None:
+    # a factor worth the first feature of each image: its epoch mean is that of all images
+    coop = load_model_class("coop")
+
+    class WithFeatureFactor(coop):
+        def model(self, image_features, labels=None, dataset_size=None):
+            ctx = pyro.sample("ctx", isotropic_normal(torch.zeros_like(self.init_ctx), 1.0, 2))
+            logits = self.class_logits(image_features, self.text_features(ctx))
+            with self.images(image_features, dataset_size):
+                pyro.sample("y", pyro.distributions.Categorical(logits=logits), obs=labels)
+                pyro.factor("first", image_features[:, 0])
+
+    features, labels = separable_features(tiny_clip)
+    torch.manual_seed(0)
+    history = train(WithFeatureFactor(tiny_clip, CLASSES, PromptConfig()), features, labels,
+                    TrainConfig(epochs=3, batch_size=5, num_particles=2))
+    assert len(history.loss) == 3
+    assert history.factors["first"] == pytest.approx([features[0, :, 0].mean().item()] * 3)
 
 
 def test_paper_objective_keeps_factor_terms(tiny_clip) -> None:
@@ -189,7 +233,7 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(tiny_clip,
     with pytest.raises(infer.Diverged, match=r"diverged at epoch 3.*epoch 2.*Lower --lr"):
         train(program, features, labels, config, tmp_path / "c.pt", {"model": "coop"},
               resume=True)
-    assert (tmp_path / "c.pt").read_bytes() == before and len(good) == 2
+    assert (tmp_path / "c.pt").read_bytes() == before and len(good.loss) == 2
     assert torch.load(tmp_path / "c.pt", weights_only=True)["epoch"] == 2
 
 

@@ -79,6 +79,16 @@ DATASETS: dict[str, DatasetSpec] = {
     "miniworld_recolor": DatasetSpec(MINIWORLD_CLASSES, _styled("recolor"), seed=500),
 }
 
+#: The datasets `experiments/benchmark.py` runs when no --datasets are given, per protocol:
+#: base-to-new datasets; (source, targets) for cross-dataset transfer and for domain
+#: generalisation.
+BENCHMARK_DEFAULTS: dict[str, list[str] | tuple[str, list[str]]] = {
+    "base2new": ["miniworld", "miniworld_recolor"],
+    "cross_dataset": ("miniworld", ["miniworld_b"]),
+    "domain_generalization": ("miniworld",
+                              ["miniworld_sketch", "miniworld_noise", "miniworld_recolor"]),
+}
+
 
 def default_data_root() -> Path:
     """Default root of the offline datasets: $BAYESPROMPT_DATA or ~/.cache/bayesprompt/data."""
