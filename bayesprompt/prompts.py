@@ -48,6 +48,14 @@ class ClassPrompts(nn.Module):
         suffix = self.suffix.expand(*lead, *self.suffix.shape)
         return torch.cat([prefix, context, suffix], dim=-2)
 
+    def shared_prefix(self, context: torch.Tensor) -> torch.Tensor:
+        """Context (..., n_ctx, W) -> [SOS] + context (..., 1 + n_ctx, W), one for all classes.
+
+        `shared_prefix(context)[..., None, :, :]` followed by `suffix` is `splice(context)`.
+        """
+        sos = self.prefix[0].expand(*context.shape[:-2], 1, context.shape[-1])
+        return torch.cat([sos, context], dim=-2)
+
 
 def initial_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None,
                     generator: torch.Generator | None = None) -> torch.Tensor:
