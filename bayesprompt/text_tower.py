@@ -8,11 +8,12 @@ Two paths read the same open_clip modules (the weights and the reference stay op
   `prefix + suffix`, the prefix ([SOS] + context) shared by all C classes of one context
   sample, the suffix (class name, '.', EOT) shared by all samples. In a causal transformer the
   prefix never sees the suffix, so its keys and values are computed once per sample and reused
-  by the C class suffixes. Attention is `F.scaled_dot_product_attention` with a causal mask
-  (flash / memory-efficient kernels on CUDA). In the last layer only the EOT rows need queries
-  and the MLP. Work is split into chunks of (sample, class) sequences under a memory budget;
-  with gradients, each chunk is recomputed in the backward pass (activation checkpointing),
-  so peak memory is that of one chunk, whatever L * B * C is.
+  by the C class suffixes. Attention is `F.scaled_dot_product_attention`, causal (flash
+  kernels on CUDA) for the prefix, with a boolean mask (memory-efficient kernels) for the
+  suffixes. In the last layer only the EOT rows need queries and the MLP. Work is split into
+  chunks of (sample, class) sequences under a memory budget; with gradients, each chunk is
+  recomputed in the backward pass (activation checkpointing), so peak memory is that of one
+  chunk, whatever L * B * C is.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from bayesprompt.errors import UserError
@@ -176,7 +176,8 @@ def _suffix_features(tower: nn.Module, prefix_kv: list[tuple[torch.Tensor, torch
     n_classes, suffix_len, width = suffix.shape[-3:]
     positions = tower.positional_embedding[prefix_len:prefix_len + suffix_len]
     x = (suffix + positions.to(suffix.dtype)).expand(groups, n_classes, suffix_len, width)
-    mask = causal_lower_right(suffix_len, prefix_len + suffix_len)
+    mask = torch.ones(suffix_len, prefix_len + suffix_len, dtype=torch.bool,
+                      device=x.device).tril(prefix_len)  # the prefix, then causal
     for block, (k, v) in zip(blocks[:-1], prefix_kv[:-1], strict=True):
         if tower.transformer.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint(_suffix_layer, block, x, k, v, mask, use_reentrant=False)
