@@ -44,4 +44,5 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=default_device(),
                         help="cpu or cuda[:N] (default: cuda when present)")
     parser.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
-                        help="autocast precision on CUDA (default: bf16 on CUDA, fp32 on CPU)")
+                        help="autocast precision: fp16 or bf16 on CUDA, bf16 on CPUs with bf16 "
+                        "matrix units (default: bf16 on CUDA, fp32 on CPU)")

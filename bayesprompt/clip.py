@@ -81,6 +81,12 @@ class FrozenCLIP(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
+    def images_per_batch(self, prompts_per_image: int) -> int:
+        """Images whose prompts (L * C each) fit half the text budget as features, no grad."""
+        per_prompt = 4 * self.feature_dim * 4  # fp32 features, normalised copy, logits, probs
+        budget = self.text_budget.memory_bytes(self.device) // 2
+        return max(1, budget // (prompts_per_image * per_prompt))
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each text layer in the backward pass (open_clip's flag, read by the tower)."""
         self.text.transformer.grad_checkpointing = enable

@@ -205,9 +205,11 @@ def predictive_probs(program: PromptModel, features: torch.Tensor, num_samples: 
                      batch_size: int = 64) -> torch.Tensor:
     """Class probabilities under S guide samples: features (N, D) -> (S, N, C).
 
-    S is 1 for point-estimate models; the posterior predictive is the mean over S.
+    S is 1 for point-estimate models; the posterior predictive is the mean over S. At most
+    `batch_size` images a batch, fewer where their S * C prompts exceed the text budget.
     """
     samples = num_samples if program.stochastic else 1
+    batch_size = min(batch_size, program.clip.images_per_batch(samples * len(program.classnames)))
     chunks = []
     for start in range(0, features.shape[0], batch_size):
         _, model_trace = particle_traces(program, samples, features[start:start + batch_size])

@@ -28,8 +28,12 @@ from bayesprompt.errors import UserError
 from bayesprompt.infer import TrainConfig, load_checkpoint, predictive_probs, train
 from bayesprompt.miniclip import cache_dir
 from bayesprompt.prompt_model import PromptConfig, PromptModel
+from bayesprompt.text_tower import TextBudget
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+#: Options that change how fast and in how much memory a run goes, not its results: a run may
+#: be resumed with other values.
+EXECUTION_OPTIONS = ("prompt_chunk", "text_memory_gb", "grad_checkpointing")
 
 @dataclass(frozen=True)
 class DatasetDefaults:
@@ -90,6 +94,9 @@ class RunConfig:
     device: str = "cpu"
     precision: str = "fp32"
     eval_batch_size: int = 64
+    prompt_chunk: int | None = None
+    text_memory_gb: float | None = None
+    grad_checkpointing: bool = False
     eval_on: list[str] = field(default_factory=list)
     cache_dir: str = str(cache_dir())
     out: str | None = None
@@ -198,11 +205,12 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
         )
     if resume and checkpoint.exists():
         saved = json.loads((out / "config.json").read_text())
-        if saved != asdict(config):
-            changed = sorted(k for k in saved if saved[k] != asdict(config).get(k))
+        changed = sorted(k for k in saved.keys() | asdict(config).keys()
+                         if k not in EXECUTION_OPTIONS and saved.get(k) != asdict(config).get(k))
+        if changed:
             raise UserError(f"--resume with other options than the run in {out}: {changed}.")
     base, new = split_datasets(config)
-    clip = load_clip(config.backbone, config.pretrained, config.device, config.precision)
+    clip = load_run_clip(config)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(asdict(config), out / "config.json")
 
@@ -237,6 +245,13 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
     return results
 
 
+def load_run_clip(config: RunConfig) -> FrozenCLIP:
+    """The run's frozen CLIP, its text tower set to the run's memory options."""
+    return load_clip(config.backbone, config.pretrained, config.device, config.precision,
+                     text_budget=TextBudget(config.prompt_chunk, config.text_memory_gb),
+                     grad_checkpointing=config.grad_checkpointing)
+
+
 def run_identity(config: RunConfig, clip: FrozenCLIP, classnames: list[str]) -> dict:
     """What a checkpoint must match to be resumed or loaded into this run."""
     return {"model": config.model, "backbone": clip.identity, "classnames": classnames,
@@ -254,7 +269,7 @@ def load_run(run_dir: Path, device: str | None = None
     if device:
         config.device = device
     base, new = split_datasets(config)
-    clip = load_clip(config.backbone, config.pretrained, config.device, config.precision)
+    clip = load_run_clip(config)
     pyro.clear_param_store()
     program = build_program(config, clip, base.classnames, base.template)
     checkpoint = run_dir / "checkpoint.pt"

@@ -60,7 +60,18 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
     parser.add_argument("--eval-on", nargs="+", default=[], metavar="DATASET",
                         help="also evaluate on these datasets, all their classes (cross-dataset "
                         "transfer, domain generalisation; use with --subsample all)")
-    parser.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size)
+    parser.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size,
+                        help="most images per evaluation batch (fewer when their L x C prompts "
+                        "exceed the text memory budget)")
+    parser.add_argument("--prompt-chunk", type=int,
+                        help="prompts the text tower encodes at once (default: as many as fit "
+                        "--text-memory-gb); with gradients, chunks are recomputed in backward")
+    parser.add_argument("--text-memory-gb", type=float,
+                        help="memory budget of prompt encoding (default: a quarter of the free "
+                        "RAM on the CPU, half the free GPU memory on CUDA)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute each text-tower layer in the backward pass (less memory, "
+                        "more time)")
     parser.add_argument("--cache-dir", default=DEFAULTS.cache_dir,
                         help="feature and few-shot cache")
     parser.add_argument("--out", help="run folder (default: runs/DATASET/MODEL/...)")

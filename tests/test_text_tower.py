@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pyro
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,10 @@ from conftest import TINY_BACKBONE
 
 from bayesprompt.clip import load_clip
 from bayesprompt.errors import UserError
+from bayesprompt.infer import predictive_probs
+from bayesprompt.prompt_model import PromptConfig
 from bayesprompt.prompts import ClassPrompts
+from bayesprompt.runs import load_model_class
 from bayesprompt.text_tower import TextBudget, causal_text_features, shared_prefix_features
 
 CLASSES = ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road",
@@ -165,3 +169,21 @@ def test_open_clip_flag_is_the_checkpointing_switch() -> None:
     assert clip.text.transformer.grad_checkpointing
     clip.model.set_grad_checkpointing(False)
     assert not clip.text.transformer.grad_checkpointing
+
+
+def test_evaluation_batches_shrink_with_the_budget_and_change_nothing(tiny_clip) -> None:
+    program = load_model_class("coop")(tiny_clip, CLASSES, PromptConfig())
+    pyro.clear_param_store()
+    features = F.normalize(torch.randn(7, tiny_clip.feature_dim,
+                                       generator=torch.Generator().manual_seed(3)), dim=-1)
+    program.guide(features)  # creates the parameters
+    whole = predictive_probs(program, features, num_samples=4, batch_size=64)
+    budget = tiny_clip.text_budget
+    tiny_clip.text_budget = TextBudget(memory_gb=1e-6)
+    try:
+        assert tiny_clip.images_per_batch(4 * len(CLASSES)) == 1
+        one_by_one = predictive_probs(program, features, num_samples=4, batch_size=64)
+    finally:
+        tiny_clip.text_budget = budget
+    assert tiny_clip.images_per_batch(4 * len(CLASSES)) >= 64
+    torch.testing.assert_close(one_by_one, whole, atol=1e-6, rtol=1e-6)
