@@ -107,8 +107,8 @@ class OurStep:
         self.objective(self.features, self.labels, 80).backward()
         self.optimizer.step()
 
-    def count_prompts(self) -> None:
-        """Run one step and count the prompts and the token rows the text tower ran."""
+    def count_prompts(self) -> int:
+        """Run one step, count the prompts and the token rows the text tower ran; its FLOPs."""
         encode = self.clip.encode_shared_prefix
 
         def counting(prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor
@@ -121,7 +121,7 @@ class OurStep:
 
         self.clip.encode_shared_prefix = counting
         try:
-            self()
+            return counted_flops(self)
         finally:
             del self.clip.encode_shared_prefix
 
@@ -233,20 +233,18 @@ def main(argv: list[str] | None = None) -> None:
     program = load_model_class(args.model)(clip, classnames, PromptConfig(n_ctx=args.n_ctx))
     ours = OurStep(clip, program.to(device), args.objective, args.num_particles,
                    args.batch_size)
-    ours.count_prompts()
-    our_flops = counted_flops(ours)
+    our_flops = ours.count_prompts()  # also the warm-up step
     machine = {name: matmul_flops_per_second(device, PRECISIONS[name])
                for name in dict.fromkeys(["fp32", precision])}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    reference = None if args.no_reference else ReferenceStyleStep(
-        clip, classnames, args.n_ctx, args.num_particles)
-    reference_flops = None if reference is None else counted_flops(reference)
-
+    reference = reference_flops = None
     rounds = []
-    for _ in range(args.rounds):
-        our_seconds = timed(ours, device, args.repeats)
-        our_peak = peak_memory(device)
+    for index in range(args.rounds):
+        our_seconds = timed(ours, device, args.repeats, warmup=0)
+        if index == 0:  # our peak, before the reference-style step exists
+            our_peak = peak_memory(device)
+            if not args.no_reference:
+                reference = ReferenceStyleStep(clip, classnames, args.n_ctx, args.num_particles)
+                reference_flops = counted_flops(reference)  # also its warm-up step
         reference_seconds = None if reference is None else timed(
             reference, device, args.reference_repeats, warmup=0)
         rounds.append((our_seconds, reference_seconds))
