@@ -162,7 +162,7 @@ def _prefix_keys_values(tower: nn.Module, prefix: torch.Tensor
     for block in blocks[:-1]:
         q, k, v = _queries_keys_values(block, block.ln_1(x))
         keys_values.append((k, v))
-        x = _block_output(block, x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        x = _block_output(block, x, _attention(q, k, v, is_causal=True))
     keys_values.append(_queries_keys_values(blocks[-1], blocks[-1].ln_1(x), queries=False)[1:])
     return keys_values
 
@@ -192,8 +192,8 @@ def _suffix_features(tower: nn.Module, prefix_kv: list[tuple[torch.Tensor, torch
               torch.arange(n_classes, device=x.device), eot - prefix_len)
     q = _queries_keys_values(last, y[at_eot].unsqueeze(-2), keys=False)[0]  # (G, C, h, 1, d)
     visible = torch.arange(prefix_len + suffix_len, device=x.device) <= eot[..., None]
-    attended = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-                                              attn_mask=visible.flatten(0, 1)[:, None, None])
+    attended = _attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                          visible.flatten(0, 1)[:, None, None])
     x = _block_output(last, x[at_eot].unsqueeze(-2), attended.unflatten(0, (groups, n_classes)))
     return _project(tower, tower.ln_final(x.squeeze(-2)))
 
@@ -204,9 +204,23 @@ def _suffix_layer(block: nn.Module, x: torch.Tensor, prefix_k: torch.Tensor,
     groups, n_classes = x.shape[:2]
     q, k, v = _queries_keys_values(block, block.ln_1(x))
     k, v = _with_prefix(prefix_k, k), _with_prefix(prefix_v, v)
-    attended = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-                                              attn_mask=mask)
+    attended = _attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask)
     return _block_output(block, x, attended.unflatten(0, (groups, n_classes)))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` of (N, h, Tq, d) queries on (N, h, Tk, d) keys/values.
+
+    On the CPU it runs in fp32 even under bf16 autocast: at prompt lengths the attention is a
+    sliver of the work, and the CPU's bf16 flash-attention backward was 10x slower than fp32's.
+    """
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                             is_causal=is_causal)
+    return out.to(q.dtype)
 
 
 def _with_prefix(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
