@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         "ours": figures(our_seconds, our_flops, args.batch_size, ours.prompts,
                         ours.prompt_tokens, machine[precision]),
         "our_peak_memory": our_peak,
+        "text_budget_gib": clip.text_budget.memory_bytes(device) / 2**30,
+        "prompt_chunk": args.prompt_chunk,
     }
     print(f"{args.model} on {args.backbone} ({device}, {precision}, "
           f"{torch.get_num_threads()} threads): L={args.num_particles}, "
@@ -278,7 +280,10 @@ def main(argv: list[str] | None = None) -> None:
         speedup = results["speedup_per_image"]
         print(f"speed-up per image: {speedup['median']:.1f}x (rounds: "
               f"{', '.join(f'{r * args.batch_size:.1f}x' for r in ratios)})")
-    print(f"peak memory after our steps: {our_peak}; at the end: {peak_memory(device)}")
+    chunk = f"{args.prompt_chunk} prompts" if args.prompt_chunk else (
+        f"{results['text_budget_gib']:.2f} GiB (--text-memory-gb or free memory at the end)")
+    print(f"text budget: {chunk}; peak memory after our steps: {our_peak}; at the end: "
+          f"{peak_memory(device)}")
     if args.json:
         write_json_atomic(results, args.json)
 
