@@ -21,6 +21,7 @@ from pyro.infer import Trace_ELBO
 from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
+from bayesprompt import distributed
 from bayesprompt.errors import UserError
 from bayesprompt.prompt_model import PromptModel
 
@@ -124,8 +125,9 @@ def save_atomic(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, identity: dict) -> dict:
-    """Read a checkpoint, check it belongs to this run (`identity`), restore the param store."""
+def load_checkpoint(path: Path, identity: dict, device: torch.device | str = "cpu") -> dict:
+    """Read a checkpoint, check it belongs to this run (`identity`), restore the param store
+    with its parameters on `device`."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     mismatched = [key for key in identity if state["identity"].get(key) != identity[key]]
     if mismatched:
@@ -135,6 +137,9 @@ def load_checkpoint(path: Path, identity: dict) -> dict:
             f"The checkpoint {path} belongs to another run ({details}). Use a new --out "
             "folder, or the options the checkpoint was trained with."
         )
+    params = state["param_store"]["params"]
+    for name, value in params.items():
+        params[name] = value.detach().to(device).requires_grad_(value.requires_grad)
     pyro.get_param_store().set_state(state["param_store"])
     return state
 
@@ -146,6 +151,9 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
 
     After every epoch the param store, optimiser and RNG state are written atomically to
     `checkpoint`; `resume=True` continues from it to the same result as an uninterrupted run.
+    Under torchrun (`bayesprompt.distributed`) every rank starts from rank 0's parameters, takes
+    its slice of each global batch of `config.batch_size` images, and the share-weighted
+    gradients are summed over ranks before the step; rank 0 alone writes the checkpoint.
     """
     views, dataset_size, _ = features.shape
     identity = identity or {}
@@ -156,11 +164,12 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     parameters = [p for _, p in pyro.get_param_store().named_parameters()]
     if not parameters or config.epochs == 0:
         return []
+    distributed.broadcast_parameters(parameters)
 
     history: list[float] = []
     start_epoch = 0
     if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, identity)
+        state = load_checkpoint(checkpoint, identity, features.device)
         parameters = [p for _, p in pyro.get_param_store().named_parameters()]
         start_epoch, history = state["epoch"], state["history"]
     optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
@@ -171,8 +180,9 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
 
     steps = math.ceil(dataset_size / config.batch_size)
     progress = tqdm(total=config.epochs * steps, initial=start_epoch * steps, desc="SVI",
-                    unit="step", dynamic_ncols=True)
+                    unit="step", dynamic_ncols=True, disable=not distributed.is_main_process())
     for epoch in range(start_epoch, config.epochs):
+        distributed.seed_rank_stream(config.seed, epoch)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(epoch, config)
         order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
@@ -181,16 +191,18 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
         total = 0.0
         for step in range(steps):
             index = permutation[step * config.batch_size:(step + 1) * config.batch_size]
-            batch = features[view_of_image[index], index]
-            loss = objective(batch, labels[index], dataset_size)
+            local, share = distributed.shard(index)
+            batch = features[view_of_image[local], local]
             optimizer.zero_grad()
+            loss = share * objective(batch, labels[local], dataset_size)
             loss.backward()
+            loss = distributed.all_reduce_gradients(parameters, loss)
             optimizer.step()
             total += loss.item() * len(index)
             progress.update()
             progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
         history.append(total / dataset_size)
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main_process():
             save_atomic({"epoch": epoch + 1, "history": history, "identity": identity,
                          "train_config": asdict(config),
                          "param_store": pyro.get_param_store().get_state(),

@@ -1,7 +1,9 @@
 """One training run, from options to a run folder, and back from a run folder to a model.
 
 A run folder holds `config.json` (every resolved option), `checkpoint.pt` (param store,
-optimiser and RNG state, written atomically after every epoch) and `results.json`.
+optimiser and RNG state, written atomically after every epoch) and `results.json`. Under
+torchrun, rank 0 alone writes them (and the data and feature caches, before the other ranks
+read them) and evaluates.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import pyro
 import torch
 
+from bayesprompt import distributed
 from bayesprompt.clip import FrozenCLIP, load_clip
 from bayesprompt.data.datasets import Dataset, load_dataset
 from bayesprompt.data.features import cached_features
@@ -189,14 +192,16 @@ def write_json_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
+def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
     """Train on the base (or all) classes, evaluate base and new; write the run folder.
 
     `eval_on` datasets are evaluated on all their classes (cross-dataset transfer, or domain
-    generalisation for a dataset with the same classes), as `transfer_acc`.
+    generalisation for a dataset with the same classes), as `transfer_acc`. Under torchrun
+    every rank trains; rank 0 evaluates and returns the results, the other ranks return None.
     """
     config = config.resolved()
     load_model_class(config.model)  # an unknown model fails before anything is loaded
+    distributed.check_batch_size(config.batch_size)
     out = Path(config.out)
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists() and not resume:
@@ -209,17 +214,20 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
                          if k not in EXECUTION_OPTIONS and saved.get(k) != asdict(config).get(k))
         if changed:
             raise UserError(f"--resume with other options than the run in {out}: {changed}.")
-    base, new = split_datasets(config)
-    clip = load_run_clip(config)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(asdict(config), out / "config.json")
+    with distributed.main_process_first():
+        base, new = split_datasets(config)
+        clip = load_run_clip(config, distributed.rank_device(config.device))
+    if distributed.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(asdict(config), out / "config.json")
 
     pyro.set_rng_seed(config.seed)
     program = build_program(config, clip, base.classnames, base.template)
     cache = Path(config.cache_dir).expanduser() / "features"
     views = list(range(1, config.views + 1)) if config.views > 0 else [0]
-    features = cached_features(clip, base.train, views, cache, config.seed,
-                               config.crop_min_scale).to(clip.device)
+    with distributed.main_process_first():
+        features = cached_features(clip, base.train, views, cache, config.seed,
+                                   config.crop_min_scale).to(clip.device)
     labels = torch.tensor([item.label for item in base.train], device=clip.device)
     train_config = TrainConfig(config.epochs, config.batch_size, config.num_particles,
                                config.objective, config.lr, seed=config.seed)
@@ -227,6 +235,8 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
     history = train(program, features, labels, train_config, checkpoint,
                     run_identity(config, clip, base.classnames), resume)
     train_seconds = time.perf_counter() - started
+    if not distributed.is_main_process():
+        return None
 
     base_acc, _, _ = evaluate(program, clip, base, config)
     new_acc = evaluate(program, clip, new, config)[0] if new is not None else None
@@ -239,15 +249,17 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict:
         "dataset": config.dataset, "model": config.model, "shots": config.shots,
         "seed": config.seed, "epochs": config.epochs, "num_particles": config.num_particles,
         "train_images": len(base.train), "train_seconds": round(train_seconds, 2),
+        "world_size": distributed.world_size(),
         "loss_history": history,
     }
     write_json_atomic(results, out / "results.json")
     return results
 
 
-def load_run_clip(config: RunConfig) -> FrozenCLIP:
-    """The run's frozen CLIP, its text tower set to the run's memory options."""
-    return load_clip(config.backbone, config.pretrained, config.device, config.precision,
+def load_run_clip(config: RunConfig, device: str | None = None) -> FrozenCLIP:
+    """The run's frozen CLIP (on `device`, default the run's), with its memory options."""
+    return load_clip(config.backbone, config.pretrained, device or config.device,
+                     config.precision,
                      text_budget=TextBudget(config.prompt_chunk, config.text_memory_gb),
                      grad_checkpointing=config.grad_checkpointing)
 
@@ -274,7 +286,7 @@ def load_run(run_dir: Path, device: str | None = None
     program = build_program(config, clip, base.classnames, base.template)
     checkpoint = run_dir / "checkpoint.pt"
     if checkpoint.exists():
-        load_checkpoint(checkpoint, run_identity(config, clip, base.classnames))
+        load_checkpoint(checkpoint, run_identity(config, clip, base.classnames), clip.device)
     return config, program, clip, base, new
 
 

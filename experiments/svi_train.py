@@ -1,6 +1,10 @@
 """Train a prompt model by SVI on the base classes and evaluate base and new classes.
 
     python experiments/svi_train.py --dataset eurosat --root ~/data --model vpt_cond
+
+Data-parallel on N GPUs (--batch-size is the global batch, split across the processes):
+
+    torchrun --nproc_per_node N experiments/svi_train.py --dataset eurosat --batch-size 16 ...
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from dataclasses import fields
 from bayesprompt.cli import add_common_arguments, parse_options, run_main
 from bayesprompt.data.datasets import known_datasets
 from bayesprompt.data.splits import SUBSAMPLES
+from bayesprompt.distributed import process_group
 from bayesprompt.infer import OBJECTIVES
 from bayesprompt.runs import RunConfig, known_models, summary_line, train_and_evaluate
 
@@ -90,7 +95,10 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
 
 def main(argv: list[str] | None = None) -> None:
     config, resume = parse_args(argv)
-    results = train_and_evaluate(config, resume=resume)
+    with process_group(config.device):
+        results = train_and_evaluate(config, resume=resume)
+    if results is None:  # a rank other than 0 of a torchrun job
+        return
     for name, accuracy in results["transfer_acc"].items():
         print(f"{name}: {accuracy:.2f}%")
     print(summary_line(results))
