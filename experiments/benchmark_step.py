@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bayesprompt.cli import add_common_arguments, run_main
+from bayesprompt.cli import add_common_arguments, default_precision, run_main
 from bayesprompt.clip import PRECISIONS, FrozenCLIP, load_clip
 from bayesprompt.data.datasets import EUROSAT_NAMES
 from bayesprompt.guides import AmortizedGaussian
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    precision = args.precision or default_precision(args.device)
     torch.manual_seed(0)
     clip = load_clip(args.backbone, args.pretrained, args.device, precision,
                      text_budget=TextBudget(args.prompt_chunk, args.text_memory_gb),

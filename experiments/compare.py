@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bayesprompt.cli import add_common_arguments, parse_options, run_main
+from bayesprompt.cli import add_common_arguments, default_precision, parse_options, run_main
 from bayesprompt.runs import RunConfig, train_and_evaluate
 
 DEFAULTS = RunConfig()
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/compare")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    precision = args.precision or default_precision(args.device)
     rows = [(model, "", {}) for model in args.models]
     rows += [(model, name, options) for name, options in args.variant for model in args.models]
 

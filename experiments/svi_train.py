@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from bayesprompt.cli import add_common_arguments, parse_options, run_main
+from bayesprompt.cli import add_common_arguments, default_precision, parse_options, run_main
 from bayesprompt.data.datasets import known_datasets
 from bayesprompt.data.splits import SUBSAMPLES
 from bayesprompt.distributed import process_group
@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
     args["options"] = parse_options(args["options"])
     args["pretrained"] = args["pretrained"] or None
     if args["precision"] is None:
-        args["precision"] = "bf16" if args["device"].startswith("cuda") else "fp32"
+        args["precision"] = default_precision(args["device"])
     known = {f.name for f in fields(RunConfig)}
     return RunConfig(**{k: v for k, v in args.items() if k in known}), resume
 

@@ -40,7 +40,7 @@ def test_every_model_runs_end_to_end(model: str, run_args: list[str], tmp_path: 
 
 
 def test_memory_options_change_no_result(run_args: list[str], tmp_path: Path) -> None:
-    args = [*run_args, "--model", "vpt_cond"]
+    args = [*run_args, "--model", "vpt_cond", "--precision", "fp32"]
     run_cli([*args, "--out", str(tmp_path / "plain")])
     run_cli([*args, "--out", str(tmp_path / "chunked"), "--prompt-chunk", "2",
              "--grad-checkpointing"])

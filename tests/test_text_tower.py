@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_BACKBONE
 
+import bayesprompt.cli as cli
 from bayesprompt.clip import load_clip
 from bayesprompt.errors import UserError
 from bayesprompt.infer import predictive_probs
@@ -187,3 +188,10 @@ def test_evaluation_batches_shrink_with_the_budget_and_change_nothing(tiny_clip)
         tiny_clip.text_budget = budget
     assert tiny_clip.images_per_batch(4 * len(CLASSES)) >= 64
     torch.testing.assert_close(one_by_one, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_default_precision_follows_the_processor(monkeypatch) -> None:
+    monkeypatch.setattr(cli, "cpu_has_bf16_matmul", lambda: False)
+    assert (cli.default_precision("cpu"), cli.default_precision("cuda:1")) == ("fp32", "bf16")
+    monkeypatch.setattr(cli, "cpu_has_bf16_matmul", lambda: True)
+    assert cli.default_precision("cpu") == "bf16"
