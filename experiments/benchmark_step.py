@@ -107,8 +107,8 @@ class OurStep:
         self.objective(self.features, self.labels, 80).backward()
         self.optimizer.step()
 
-    def count_prompts(self) -> int:
-        """Run one step, count the prompts and the token rows the text tower ran; its FLOPs."""
+    def count_prompts(self) -> None:
+        """Run one step and count the prompts and the token rows the text tower ran."""
         encode = self.clip.encode_shared_prefix
 
         def counting(prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor
@@ -121,7 +121,7 @@ class OurStep:
 
         self.clip.encode_shared_prefix = counting
         try:
-            return counted_flops(self)
+            self()
         finally:
             del self.clip.encode_shared_prefix
 
@@ -174,18 +174,24 @@ class ReferenceStyleStep:
         self.optimizer.step()
 
 
-def figures(seconds: float, flops: int, images: int, prompts: int, tokens: int,
+def figures(seconds: float, flops: int | None, images: int, prompts: int, tokens: int,
             machine_flops: float) -> dict:
-    """Per-step figures of a timed step."""
-    return {"step_s": seconds, "images_per_s": images / seconds, "prompts_per_s": prompts / seconds,
-            "tokens_per_s": tokens / seconds, "gflop_per_step": flops / 1e9,
-            "gflop_per_s": flops / seconds / 1e9, "of_matmul": flops / seconds / machine_flops}
+    """Per-step figures of a timed step (FLOP figures None when not counted)."""
+    row = {"step_s": seconds, "images_per_s": images / seconds,
+           "prompts_per_s": prompts / seconds, "tokens_per_s": tokens / seconds,
+           "gflop_per_step": None, "gflop_per_s": None, "of_matmul": None}
+    if flops is not None:
+        row.update(gflop_per_step=flops / 1e9, gflop_per_s=flops / seconds / 1e9,
+                   of_matmul=flops / seconds / machine_flops)
+    return row
 
 
 def describe(name: str, row: dict) -> str:
-    return (f"{name:<16} {row['step_s'] * 1000:9.1f} ms  {row['images_per_s']:8.2f} img/s  "
-            f"{row['prompts_per_s']:9.0f} prompts/s  {row['tokens_per_s']:10.0f} tokens/s  "
-            f"{row['gflop_per_step']:8.1f} GFLOP  {row['gflop_per_s']:6.1f} GFLOP/s "
+    text = (f"{name:<16} {row['step_s'] * 1000:9.1f} ms  {row['images_per_s']:8.2f} img/s  "
+            f"{row['prompts_per_s']:9.0f} prompts/s  {row['tokens_per_s']:10.0f} tokens/s")
+    if row["gflop_per_step"] is None:
+        return text
+    return (f"{text}  {row['gflop_per_step']:8.1f} GFLOP  {row['gflop_per_s']:6.1f} GFLOP/s "
             f"({100 * row['of_matmul']:.0f}% of matmul)")
 
 
@@ -220,6 +226,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="memory budget of the text tower (default: a share of free memory)")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute each text layer in the backward pass")
+    parser.add_argument("--skip-flops", action="store_true",
+                        help="do not count FLOPs (the counter keeps the activations of "
+                        "recomputed chunks alive: a memory run of many prompts needs this)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
@@ -233,15 +242,16 @@ def main(argv: list[str] | None = None) -> None:
     program = load_model_class(args.model)(clip, classnames, PromptConfig(n_ctx=args.n_ctx))
     ours = OurStep(clip, program.to(device), args.objective, args.num_particles,
                    args.batch_size)
-    our_flops = ours.count_prompts()  # also the warm-up step
+    ours.count_prompts()  # also the warm-up step
     machine = {name: matmul_flops_per_second(device, PRECISIONS[name])
                for name in dict.fromkeys(["fp32", precision])}
     reference = reference_flops = None
     rounds = []
     for index in range(args.rounds):
         our_seconds = timed(ours, device, args.repeats, warmup=0)
-        if index == 0:  # our peak, before the reference-style step exists
+        if index == 0:  # our peak, before FLOP counting and the reference-style step
             our_peak = peak_memory(device)
+            our_flops = None if args.skip_flops else counted_flops(ours)
             if not args.no_reference:
                 reference = ReferenceStyleStep(clip, classnames, args.n_ctx, args.num_particles)
                 reference_flops = counted_flops(reference)  # also its warm-up step
