@@ -49,8 +49,11 @@ def causal_text_features(tower: nn.Module, embeddings: torch.Tensor, eot_index: 
     length = embeddings.shape[-2]
     x = embeddings + tower.positional_embedding[:length].to(embeddings.dtype)
     x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
-    return _project(tower, tower.ln_final(x[torch.arange(x.shape[0], device=x.device),
-                                             eot_index]))
+    x = tower.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+    if isinstance(tower.text_projection, nn.Linear):
+        return tower.text_projection(x)
+    return x if tower.text_projection is None else x @ tower.text_projection
 
 
 @dataclass(frozen=True)
