@@ -5,6 +5,7 @@ pyplot: nothing to close, and importing this module leaves the user's pyplot bac
 (e.g. inline plots in a notebook). ArviZ plots are drawn into axes we create.
 """
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -319,4 +320,44 @@ def plot_latent_forest(
     ax = fig.subplots()
     az.plot_forest(idata, var_names=[var_name], coords=coords, combined=True, ax=ax, textsize=9)
     fig.suptitle(_selection_title(var_name, coords))
+    _save(fig, path)
+
+
+def plot_grouped_bars(
+    panels: Mapping[str, Mapping[str, Mapping[str, tuple[float | None, float | None]]]],
+    path: str | os.PathLike,
+    ylabel: str = "accuracy (%)",
+) -> None:
+    """Grouped bar charts, one panel per entry: groups on the x axis, one bar per series.
+
+    Args:
+        panels: panel title -> group label -> series name -> (mean, std); a None mean draws no
+            bar, a None std no error bar. Series are coloured alike in every panel. The y axis
+            starts at the multiple of 10 at least 5 below the lowest mean - std (or at 0).
+        path: PNG file to write.
+        ylabel: label of the y axis.
+    """
+    series = list(dict.fromkeys(s for groups in panels.values() for bars in groups.values()
+                                for s in bars))
+    n_groups = max(len(groups) for groups in panels.values())
+    width = 0.8 / len(series)
+    fig = _figure(figsize=(max(6.0, 1.2 * n_groups * (0.5 + 0.25 * len(series))),
+                           3.2 * len(panels)), layout="tight")
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    colours = matplotlib.colormaps["tab10"]
+    for ax, (title, groups) in zip(axes, panels.items(), strict=True):
+        x = np.arange(len(groups))
+        for k, name in enumerate(series):
+            values = [groups[g].get(name, (None, None)) for g in groups]
+            means = np.array([np.nan if m is None else m for m, _ in values])
+            stds = np.array([np.nan if s is None else s for _, s in values])
+            ax.bar(x + (k - (len(series) - 1) / 2) * width, means, width, yerr=stds,
+                   capsize=2, color=colours(k), label=name, error_kw={"elinewidth": 0.8})
+        lows = [m - (s or 0) for bars in groups.values() for m, s in bars.values()
+                if m is not None]
+        ax.set_ylim(bottom=max(0.0, 10 * math.floor((min(lows, default=0) - 5) / 10)))
+        ax.set_xticks(x, list(groups), rotation=30, ha="right", fontsize=8)
+        ax.set(title=title, ylabel=ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)

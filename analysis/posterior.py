@@ -1,16 +1,18 @@
 """Posterior samples of a trained run on its test splits, as arrays and as ArviZ InferenceData.
 
 How the samples are drawn (S samples, N test images of a split, C classes, D feature width):
+the one posterior predictive of ``bayesprompt.infer``, which also gives results.json its
+accuracies, so that the same S and seed give the same accuracy here and there.
 
-1. Latents: ``pyro.infer.Predictive(program.guide, num_samples=S, parallel=True)`` on all N
-   image features at once (the guide is cheap; subsampling is off, ``dataset_size=None``).
-   Global latents (outside the ``images`` plate, e.g. ``r`` of vpt, ``ctx`` of coop) are drawn
-   once per run and shared by every split, so draw s is the same prompt on base, new and
-   shifted images. Per-image latents (e.g. ``r`` of vpt_cond) are drawn per split.
-2. Labels and probabilities: ``Predictive(model, posterior_samples=latents, parallel=True)``
-   batch by batch. The model runs inside a recorder that traces it (reading the ``y`` site's
-   distribution, hence the class probabilities (S, B, C)) and wraps ``program.text_features``
-   to keep the class text features each sample produced. No model file needs to change.
+1. Latents: ``infer.posterior_draws``: ``pyro.infer.Predictive(program.guide, num_samples=S,
+   parallel=True)`` on all N image features at once, seeded by the evaluation seed. Global
+   latents (outside the ``images`` plate, e.g. ``r`` of vpt, ``ctx`` of coop) are drawn once
+   per run and shared by every split, so draw s is the same prompt on base, new and shifted
+   images. Per-image latents (e.g. ``r`` of vpt_cond) are drawn per image.
+2. Labels and probabilities: ``infer.replay_model`` batch by batch, the model's latents set to
+   the draws. The model runs inside a recorder that wraps ``program.text_features`` to keep the
+   class text features each sample produced; the ``y`` site gives the class probabilities
+   (S, B, C) and a sampled label per draw. No model file needs to change.
 
 Point-estimate models (coop, cocoop, zeroshot: ``program.stochastic`` is False) are sampled
 once and the draw is repeated S times: their S samples are identical by construction.
@@ -29,8 +31,6 @@ from typing import Any
 
 import pyro
 import torch
-from pyro import poutine
-from pyro.infer import Predictive
 from tqdm.auto import tqdm
 
 from analysis.inference_data import to_inference_data
@@ -40,6 +40,7 @@ from bayesprompt.data.datasets import Dataset, load_dataset
 from bayesprompt.data.features import cached_features
 from bayesprompt.data.splits import subsample_classes
 from bayesprompt.errors import UserError
+from bayesprompt.infer import batch_bounds, posterior_draws, replay_model
 from bayesprompt.prompt_model import PromptModel
 from bayesprompt.prompts import prompt_classname
 from bayesprompt.runs import RunConfig, load_run
@@ -82,6 +83,7 @@ class RunPosterior:
     clip: FrozenCLIP
     splits: dict[str, SplitSamples]
     num_samples: int
+    seed: int
 
     @property
     def deterministic(self) -> bool:
@@ -106,66 +108,30 @@ def record_text_features(program: PromptModel) -> Iterator[list[torch.Tensor]]:
         del program.text_features
 
 
-def per_image_sites(program: PromptModel, features: torch.Tensor) -> tuple[str, ...]:
-    """Latent sites of the model that sit inside the ``images`` plate (one value per image)."""
-    trace = poutine.trace(program.model).get_trace(features[:1])
-    return tuple(name for name in program.latent_sites
-                 if any(f.name == "images" for f in trace.nodes[name]["cond_indep_stack"]))
-
-
-@torch.no_grad()
-def guide_samples(program: PromptModel, features: torch.Tensor, num_samples: int
-                  ) -> dict[str, torch.Tensor]:
-    """Latent samples from the guide on features (N, D): site -> (S, *value shape)."""
-    if not program.latent_sites:
-        return {}
-    predictive = Predictive(program.guide, num_samples=num_samples, parallel=True,
-                            return_sites=list(program.latent_sites))
-    return {k: v.detach() for k, v in predictive(features).items()}
-
-
 @torch.no_grad()
 def model_samples(program: PromptModel, features: torch.Tensor,
                   latents: dict[str, torch.Tensor], per_image: Sequence[str], num_samples: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Labels (S, B), probabilities (S, B, C) and text features given latent samples.
+    """Labels (S, B), probabilities (S, B, C) and text features given latent draws.
 
-    Global latents (S, *event) get a size-1 batch dim so Predictive's vectorizing plate (dim -2)
-    lines up with them; per-image latents are (S, B, *event) already. Text features are
-    (S, 1, C, D) for prompts shared by the batch, (S, B, C, D) for per-image prompts, None
-    without prompts.
+    Global latents are (S, *event), per-image latents (S, B, *event) (see
+    ``infer.replay_model``). Text features are (S, 1, C, D) for prompts shared by the batch,
+    (S, B, C, D) for per-image prompts, None without prompts.
     """
-    conditioned = {k: v if k in per_image else v.unsqueeze(1) for k, v in latents.items()}
-    state = {}
-
-    def recorded_model(*args: Any) -> None:
-        with record_text_features(program) as text:
-            state["trace"] = poutine.trace(program.model).get_trace(*args)
-        state["text"] = text[-1] if text else None
-
-    predictive = Predictive(recorded_model, posterior_samples=conditioned,
-                            num_samples=num_samples, parallel=True, return_sites=["y"])
-    labels = predictive(features)["y"]                                   # (S, B)
-    probs = state["trace"].nodes["y"]["fn"].probs                        # (S, B, C)
-    probs = probs.expand(num_samples, features.shape[0], -1)
-    text = state["text"]
+    with record_text_features(program) as recorded:
+        trace = replay_model(program, features, latents, tuple(per_image), num_samples)
+    shape = (num_samples, features.shape[0])
+    labels = trace.nodes["y"]["value"].expand(shape)                     # (S, B)
+    probs = trace.nodes["y"]["fn"].probs.expand(*shape, -1)              # (S, B, C)
+    text = recorded[-1] if recorded else None
     if text is not None:
         text = text.expand(num_samples, *text.shape[-3:]) if text.dim() == 4 else \
             text.expand(num_samples, 1, *text.shape[-2:])
     return labels, probs, text
 
 
-def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """(start, stop) of batches of N images with no batch of one image (unless N = 1), so a
-    text feature batch dim of 1 always means a prompt shared by the whole batch."""
-    starts = list(range(0, n, max(batch_size, 2)))
-    if len(starts) > 1 and n - starts[-1] == 1:
-        starts.pop()
-    return list(zip(starts, starts[1:] + [n], strict=True))
-
-
 def sample_split(program: PromptModel, name: str, dataset: Dataset, features: torch.Tensor,
-                 num_samples: int, global_latents: dict[str, torch.Tensor],
+                 num_samples: int, global_latents: dict[str, torch.Tensor], seed: int,
                  batch_size: int = 64) -> SplitSamples:
     """Draw S posterior samples on the test split of ``dataset`` (image features (N, D)).
 
@@ -173,17 +139,12 @@ def sample_split(program: PromptModel, name: str, dataset: Dataset, features: to
     first call. Point-estimate models draw once and repeat the draw S times.
     """
     program.set_classes(dataset.classnames)
-    draws = num_samples if program.stochastic else 1
-    per_image = per_image_sites(program, features)
-    latents = guide_samples(program, features, draws)
-    for site in latents:
-        if site not in per_image:
-            latents[site] = global_latents.setdefault(site, latents[site])
+    draws = posterior_draws(program, features, num_samples, seed, global_latents)
     labels, probs, texts = [], [], []
     for start, stop in tqdm(batch_bounds(features.shape[0], batch_size),
                             desc=f"posterior samples ({name})", unit="batch", leave=False):
-        batch = {k: v[:, start:stop] if k in per_image else v for k, v in latents.items()}
-        y, p, text = model_samples(program, features[start:stop], batch, per_image, draws)
+        y, p, text = model_samples(program, features[start:stop], draws.batch(start, stop),
+                                   draws.per_image, draws.num_samples)
         labels.append(y)
         probs.append(p)
         if text is not None and start < MAX_TEXT_IMAGES:
@@ -200,7 +161,8 @@ def sample_split(program: PromptModel, name: str, dataset: Dataset, features: to
     return SplitSamples(
         name=name, classnames=list(dataset.classnames), features=features.cpu(),
         labels=torch.tensor([item.label for item in dataset.test]),
-        latents={k: repeat(v).cpu() for k, v in latents.items()}, per_image_sites=per_image,
+        latents={k: repeat(v).cpu() for k, v in draws.latents.items()},
+        per_image_sites=draws.per_image,
         predicted=repeat(torch.cat(labels, dim=1)).cpu(),
         probs=repeat(torch.cat(probs, dim=1)).cpu(),
         text_features=None if text_features is None else repeat(text_features).cpu())
@@ -220,19 +182,21 @@ def domain_dataset(config: RunConfig, name: str, classnames: list[str]) -> Datas
     return dataset
 
 
-def posterior_samples(run_dir: str | Path, num_samples: int = 50,
+def posterior_samples(run_dir: str | Path, num_samples: int | None = None,
                       splits: Sequence[str] = ("base", "new"), domains: Sequence[str] = (),
-                      device: str | None = None) -> RunPosterior:
+                      device: str | None = None, seed: int | None = None) -> RunPosterior:
     """Load a run folder and draw S posterior samples on each test split.
 
     Args:
         run_dir: a folder written by ``train_and_evaluate`` (config.json, checkpoint.pt).
-        num_samples: S.
+        num_samples: S (default: the run's `eval_samples`, as results.json).
         splits: which of the run's own test splits: "base" (training classes; all classes
             for a run with subsample "all") and "new" (held-out classes, if any).
         domains: names of datasets with the run's classes (e.g. "miniworld_sketch"); each is
             evaluated on the training classes and becomes a split named after it.
         device: overrides the run's device.
+        seed: seed of the draws (default: the run's `eval_seed`). With the run's S and seed,
+            the accuracies equal results.json's.
 
     Returns:
         :class:`RunPosterior` with one :class:`SplitSamples` per split.
@@ -255,16 +219,18 @@ def posterior_samples(run_dir: str | Path, num_samples: int = 50,
     for name in domains:
         chosen[name] = domain_dataset(config, name, base.classnames)
 
-    pyro.set_rng_seed(config.seed)
+    num_samples = config.eval_samples if num_samples is None else num_samples
+    seed = config.eval_seed if seed is None else seed
+    pyro.set_rng_seed(seed)
     cache = Path(config.cache_dir).expanduser() / "features"
     global_latents: dict[str, torch.Tensor] = {}
     samples = {}
     for name, dataset in chosen.items():
         features = cached_features(clip, dataset.test, [0], cache)[0].to(clip.device)
         samples[name] = sample_split(program, name, dataset, features, num_samples,
-                                     global_latents, config.eval_batch_size)
+                                     global_latents, seed, config.eval_batch_size)
     program.set_classes(base.classnames)
-    return RunPosterior(run_dir, config, program, clip, samples, num_samples)
+    return RunPosterior(run_dir, config, program, clip, samples, num_samples, seed)
 
 
 @torch.no_grad()

@@ -61,7 +61,8 @@ def coverage_metrics(samples: SplitSamples, templates: np.ndarray,
     Args:
         samples: a split with sampled text features (S, C, D) or (S, M, C, D).
         templates: (K, C, D) template features of the split's classes.
-        deterministic: point-estimate model; its credible region is undefined (None).
+        deterministic: point-estimate model; its credible region is undefined (None), as it
+            is with S <= CREDIBLE_DIMS samples.
 
     Returns:
         None when the model has no prompts (zeroshot).
@@ -72,7 +73,7 @@ def coverage_metrics(samples: SplitSamples, templates: np.ndarray,
     spread = prompt_spread(text)
     distances = template_distances(text, templates)                           # (C, K)
     fraction = None
-    if not deterministic:
+    if not deterministic and text.shape[0] > CREDIBLE_DIMS:
         fraction = float(template_coverage(text, templates, CREDIBLE_LEVEL,
                                            CREDIBLE_DIMS).mean())
     return {
@@ -156,6 +157,7 @@ def write_analysis(posterior: RunPosterior, out: Path | None = None) -> dict[str
         "model": posterior.config.model,
         "dataset": posterior.config.dataset,
         "num_samples": posterior.num_samples,
+        "seed": posterior.seed,
         "deterministic": posterior.deterministic,
         "splits": {},
         "auroc": separation_metrics(posterior),

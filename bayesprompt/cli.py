@@ -9,7 +9,10 @@ from collections.abc import Callable
 
 import torch
 
-from bayesprompt.errors import UserError
+from bayesprompt.errors import RunInterrupted, UserError
+
+#: The exit code of a process stopped by Ctrl-C (128 + SIGINT).
+INTERRUPTED_EXIT_CODE = 130
 
 
 def default_device() -> str:
@@ -47,12 +50,19 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run `main`; a UserError (or bad arguments) prints one paragraph and exits with 2."""
+    """Run `main`; a UserError (or bad arguments) prints one paragraph and exits with 2, Ctrl-C
+    prints one line and exits with 130."""
     try:
         main(argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except RunInterrupted as interrupted:
+        print(interrupted, file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,8 @@ The per-image objective (minimised) of training image i is
 
 p_train is p_B (or the fused view with `fused_training`); I_hat is the critic objective over the
 pooled real and mixed images of the batch, maximised by the critic and by the prompts alike
-(InfoMax). Prediction samples `y` from the fused view w p_A + (1 - w) p_B, w = `fusion_weight`.
+(InfoMax); the critic has its own optimiser (`critic_optimizer`, constant `critic_lr`).
+Prediction samples `y` from the fused view w p_A + (1 - w) p_B, w = `fusion_weight`.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import torch.nn.functional as F
 
 from bayesprompt.clip import FrozenCLIP
 from bayesprompt.errors import UserError
+from bayesprompt.infer import GROUP_OPTIMIZERS
 from bayesprompt.mixup import LABELS, Mixup, class_mixup
 from bayesprompt.mutual_information import BOUNDS, Critic, critic_objective
-from bayesprompt.prompt_model import PromptConfig, PromptModel
+from bayesprompt.prompt_model import OptimizerGroup, PromptConfig, PromptModel
 from bayesprompt.prompts import prompt_classname
 
 #: Generic templates of the "ensemble" hand-crafted view (ours; the dataset's is added to them).
@@ -58,6 +60,8 @@ class E2MIMOptions:
     fused_training: bool = False
     templates: str = "dataset"
     critic_hidden: int = 64
+    critic_optimizer: str = "adam"
+    critic_lr: float = 0.01
 
     @classmethod
     def parse(cls, options: dict) -> E2MIMOptions:
@@ -72,7 +76,8 @@ class E2MIMOptions:
             if not valid or (kind is not bool and isinstance(value, bool)):
                 raise UserError(f"--set {key}= expects a {kind.__name__}, got {value!r}.")
         parsed = cls(**{k: (float(v) if types[k] is float else v) for k, v in options.items()})
-        choices = {"mi_bound": BOUNDS, "mixup_label": LABELS, "templates": TEMPLATES}
+        choices = {"mi_bound": BOUNDS, "mixup_label": LABELS, "templates": TEMPLATES,
+                   "critic_optimizer": GROUP_OPTIMIZERS}
         for key, allowed in choices.items():
             if getattr(parsed, key) not in allowed:
                 raise UserError(f"--set {key}= must be one of {', '.join(allowed)}.")
@@ -80,6 +85,8 @@ class E2MIMOptions:
             raise UserError("--set fusion_weight= must lie in [0, 1].")
         if parsed.mixup_alpha <= 0:
             raise UserError("--set mixup_alpha= must be positive.")
+        if parsed.critic_lr <= 0:
+            raise UserError("--set critic_lr= must be positive.")
         return parsed
 
 
@@ -138,10 +145,19 @@ class DualViewModel(PromptModel):
             n_classes = len(classnames)
             self.critic = Critic(n_classes, n_classes, options.critic_hidden).to(clip.device)
 
+    def check_options(self, options: dict) -> None:
+        E2MIMOptions.parse(options)
+
     @cached_property
     def options(self) -> E2MIMOptions:
         """The checked `--set` options, parsed once."""
         return E2MIMOptions.parse(self.config.options)
+
+    @property
+    def optimizer_groups(self) -> tuple[OptimizerGroup, ...]:
+        """The critic trains with its own optimiser and constant learning rate."""
+        options = self.options
+        return (OptimizerGroup("critic", options.critic_optimizer, options.critic_lr),)
 
     def set_classes(self, classnames: list[str]) -> None:
         super().set_classes(classnames)

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input: the message says what was wrong, where we looked and what to do."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C during a run: the message says what was kept and how to continue."""

@@ -10,24 +10,35 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import pickle
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyro
+import pyro.util
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
+from pyro.infer import Predictive, Trace_ELBO
+from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
 from bayesprompt import distributed
 from bayesprompt.errors import UserError
-from bayesprompt.prompt_model import PromptModel
+from bayesprompt.prompt_model import OptimizerGroup, PromptModel
 
 #: Weight of the KL term of the reference implementation's objective.
 PAPER_KL_WEIGHT = 1e-3
 OBJECTIVES = ("elbo", "paper")
+GROUP_OPTIMIZERS = ("adam", "sgd")
+#: A step whose loss exceeds this many times the first step's (at least 1 in size) diverged.
+DIVERGENCE_FACTOR = 1e4
+#: Keys every checkpoint holds.
+CHECKPOINT_KEYS = ("epoch", "history", "identity", "train_config", "param_store", "optimizer",
+                   "group_optimizers", "rng", "cuda_rng", "reference_loss")
 
 Objective = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -46,6 +57,33 @@ class TrainConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     seed: int = 1
+
+
+@dataclass
+class TrainHistory:
+    """Per-epoch training curves: the mean objective per image, and the mean value of each
+    `pyro.factor` term of the model (e.g. E2MIM's "mi"; None in epochs where it was absent)."""
+
+    loss: list[float] = field(default_factory=list)
+    factors: dict[str, list[float | None]] = field(default_factory=dict)
+
+
+def is_factor_site(name: str, site: dict) -> bool:
+    """An observed sample site other than the label `y`: a `pyro.factor` term."""
+    return site["type"] == "sample" and site["is_observed"] and name != "y"
+
+
+class FactorRecorder(Messenger):
+    """Records, for the model runs inside it, the mean (over particles and images) of every
+    factor term's unscaled value: `values[name]`, a detached scalar tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[str, torch.Tensor] = {}
+
+    def _postprocess_message(self, msg: dict) -> None:
+        if is_factor_site(msg["name"], msg):
+            self.values[msg["name"]] = msg["fn"].log_prob(msg["value"]).detach().mean()
 
 
 def particle_traces(program: PromptModel, num_particles: int, *args
@@ -95,8 +133,7 @@ def paper_objective(program: PromptModel, num_particles: int) -> Objective:
             prior = model_trace.nodes[name]["fn"]
             kl = kl + (kl_divergence(posterior, prior) / posterior.event_shape.numel()).mean()
         factors = sum((-site["fn"].log_prob(site["value"]).mean()
-                       for name, site in model_trace.nodes.items()
-                       if site["type"] == "sample" and site["is_observed"] and name != "y"),
+                       for name, site in model_trace.nodes.items() if is_factor_site(name, site)),
                       torch.zeros((), device=features.device))
         return nll.mean() + PAPER_KL_WEIGHT * kl + factors
 
@@ -125,10 +162,32 @@ def save_atomic(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class Diverged(UserError):
+    """Training stopped because the loss or the parameters stopped being finite or exploded."""
+
+
+def _corrupt(path: Path, problem: str) -> UserError:
+    return UserError(
+        f"The checkpoint {path} cannot be used: {problem}. It may have been cut short by a full "
+        "disk or a copy that did not finish. Restore it from a backup, or delete it (and the "
+        "run folder's results) and train again."
+    )
+
+
 def load_checkpoint(path: Path, identity: dict, device: torch.device | str = "cpu") -> dict:
-    """Read a checkpoint, check it belongs to this run (`identity`), restore the param store
-    with its parameters on `device`."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """Read a checkpoint (tensors and plain containers only: `weights_only=True`), check it
+    belongs to this run (`identity`) and restore the values of the param store, on `device`.
+
+    The param store must already hold this program's parameters (see `create_parameters`),
+    so their constraints come from the program, not from the file.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as error:
+        raise _corrupt(path, f"it is truncated, corrupt or not a checkpoint ({error})") from None
+    if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
+        raise _corrupt(path, f"it lacks some of {', '.join(CHECKPOINT_KEYS)}")
     mismatched = [key for key in identity if state["identity"].get(key) != identity[key]]
     if mismatched:
         details = "; ".join(f"{k}: checkpoint has {state['identity'].get(k)!r}, "
@@ -137,93 +196,325 @@ def load_checkpoint(path: Path, identity: dict, device: torch.device | str = "cp
             f"The checkpoint {path} belongs to another run ({details}). Use a new --out "
             "folder, or the options the checkpoint was trained with."
         )
-    params = state["param_store"]["params"]
-    for name, value in params.items():
-        params[name] = value.detach().to(device).requires_grad_(value.requires_grad)
-    pyro.get_param_store().set_state(state["param_store"])
+    store = pyro.get_param_store()
+    current = store.get_state()
+    saved = state["param_store"]
+    if set(saved) != set(current["params"]):
+        raise UserError(
+            f"The checkpoint {path} holds the parameters {sorted(saved)}, but this model has "
+            f"{sorted(current['params'])}: it was written by another version of the model "
+            "file. Use a new --out folder, or the model file it was trained with."
+        )
+    params = {name: value.detach().to(device).requires_grad_(True)
+              for name, value in saved.items()}
+    store.set_state({"params": params, "constraints": current["constraints"]})
     return state
+
+
+def create_parameters(program: PromptModel, image_features: torch.Tensor,
+                      labels: torch.Tensor) -> None:
+    """Run guide and model once on a batch (B, D) so that every `pyro.param` exists."""
+    particle_traces(program, 1, image_features, labels, image_features.shape[0])
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The CPU RNG state, and the states of every CUDA device when training on CUDA."""
+    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else []
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(cpu: torch.Tensor, cuda: list[torch.Tensor]) -> None:
+    torch.set_rng_state(cpu)
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+
+
+def _diverged(epoch: int, step: int, what: str, checkpoint: Path | None,
+              saved_epoch: int, lr: float) -> Diverged:
+    kept = (f"The last good checkpoint (epoch {saved_epoch}) is kept in {checkpoint}. "
+            if checkpoint is not None and saved_epoch else "No epoch had finished, so there "
+            "is no checkpoint. ")
+    return Diverged(
+        f"Training diverged at epoch {epoch + 1}, step {step + 1}: {what}. {kept}"
+        f"Lower --lr (it is {lr:g}) and start a new run in another --out folder."
+    )
+
+
+def _parameters_finite(parameters: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in parameters)
+
+
+def group_optimizers(named: dict[str, torch.nn.Parameter], groups: tuple[OptimizerGroup, ...],
+                     config: TrainConfig
+                     ) -> tuple[torch.optim.Optimizer | None, dict[str, torch.optim.Optimizer]]:
+    """The reference SGD over the parameters of no group, and one optimiser per group that
+    holds parameters (a parameter belongs to the first group whose prefix its name has)."""
+    members: dict[str, list[torch.nn.Parameter]] = {group.prefix: [] for group in groups}
+    rest = []
+    for name, parameter in named.items():
+        prefix = next((g.prefix for g in groups if name.startswith(g.prefix)), None)
+        (rest if prefix is None else members[prefix]).append(parameter)
+    sgd = None
+    if rest:
+        sgd = torch.optim.SGD(rest, lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
+    optimizers = {}
+    for group in groups:
+        if group.optimizer not in GROUP_OPTIMIZERS:
+            raise UserError(f"Unknown optimiser '{group.optimizer}' for the parameters "
+                            f"'{group.prefix}*'; choose one of {', '.join(GROUP_OPTIMIZERS)}.")
+        if not members[group.prefix]:
+            continue
+        if group.optimizer == "adam":
+            optimizers[group.prefix] = torch.optim.Adam(members[group.prefix], lr=group.lr)
+        else:
+            optimizers[group.prefix] = torch.optim.SGD(members[group.prefix], lr=group.lr,
+                                                       momentum=config.momentum)
+    return sgd, optimizers
 
 
 def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
           config: TrainConfig, checkpoint: Path | None = None, identity: dict | None = None,
-          resume: bool = False) -> list[float]:
-    """SVI on cached features (V views, N images, D) with labels (N,); returns epoch losses.
+          resume: bool = False) -> TrainHistory:
+    """SVI on cached features (V views, N images, D) with labels (N,); returns the curves.
 
-    After every epoch the param store, optimiser and RNG state are written atomically to
-    `checkpoint`; `resume=True` continues from it to the same result as an uninterrupted run.
+    Parameters of the model's `optimizer_groups` get their own optimiser at a constant rate;
+    all others the reference SGD with warm-up and cosine schedule. After every epoch the param
+    store, every optimiser's state and the RNG states (CPU, and every CUDA device when training
+    on CUDA) are written atomically to `checkpoint`; `resume=True` continues from it to the
+    same result as an uninterrupted run. A non-finite or exploding loss stops training with
+    `Diverged`, leaving the last good checkpoint in place.
     Under torchrun (`bayesprompt.distributed`) every rank starts from rank 0's parameters, takes
     its slice of each global batch of `config.batch_size` images, and the share-weighted
-    gradients are summed over ranks before the step; rank 0 alone writes the checkpoint.
+    gradients are summed over ranks before the step; rank 0 alone writes the checkpoint. The
+    divergence check reads the loss summed over ranks, so every rank stops at the same step.
+    The factor history is each rank's own (rank 0's is the one written).
     """
     views, dataset_size, _ = features.shape
     identity = identity or {}
     pyro.clear_param_store()
     torch.manual_seed(config.seed)
     objective = make_objective(program, config)
-    objective(features[0, :1], labels[:1], dataset_size)  # creates the parameters
+    first = slice(0, config.batch_size)  # a whole batch: parameters of batch-wise terms too
+    objective(features[0, first], labels[first], dataset_size)  # creates the parameters
+    names = set(pyro.get_param_store().keys())
     parameters = [p for _, p in pyro.get_param_store().named_parameters()]
     if not parameters or config.epochs == 0:
-        return []
+        return TrainHistory()
     distributed.broadcast_parameters(parameters)
 
-    history: list[float] = []
-    start_epoch = 0
+    history = TrainHistory()
+    start_epoch, reference = 0, None
     if resume and checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint, identity, features.device)
-        parameters = [p for _, p in pyro.get_param_store().named_parameters()]
-        start_epoch, history = state["epoch"], state["history"]
-    optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+        start_epoch, history = state["epoch"], TrainHistory(**state["history"])
+        reference = state["reference_loss"]
+    named = dict(pyro.get_param_store().named_parameters())
+    parameters = list(named.values())
+    sgd, groups = group_optimizers(named, program.optimizer_groups, config)
     if start_epoch:
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        if sgd is not None:
+            sgd.load_state_dict(state["optimizer"])
+        for prefix, optimizer in groups.items():
+            optimizer.load_state_dict(state["group_optimizers"][prefix])
+        _set_rng_state(state["rng"], state["cuda_rng"])
+    optimizers = [o for o in (sgd, *groups.values()) if o is not None]
 
     steps = math.ceil(dataset_size / config.batch_size)
+    stepped = start_epoch > 0
     progress = tqdm(total=config.epochs * steps, initial=start_epoch * steps, desc="SVI",
                     unit="step", dynamic_ncols=True, disable=not distributed.is_main_process())
     for epoch in range(start_epoch, config.epochs):
         distributed.seed_rank_stream(config.seed, epoch)
-        for group in optimizer.param_groups:
+        for group in sgd.param_groups if sgd is not None else []:
             group["lr"] = learning_rate(epoch, config)
         order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         permutation = torch.randperm(dataset_size, generator=order)
         view_of_image = torch.randint(views, (dataset_size,), generator=order)
         total = 0.0
+        factor_totals: dict[str, torch.Tensor] = {}      # name -> sum of value * images
+        factor_images: dict[str, int] = {}                # name -> images of those steps
         for step in range(steps):
             index = permutation[step * config.batch_size:(step + 1) * config.batch_size]
             local, share = distributed.shard(index)
             batch = features[view_of_image[local], local]
-            optimizer.zero_grad()
-            loss = share * objective(batch, labels[local], dataset_size)
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            try:
+                with FactorRecorder() as recorder:
+                    loss = share * objective(batch, labels[local], dataset_size)
+            except ValueError as error:  # a distribution refused the parameters
+                if not stepped:  # before any update: the model file's own fault
+                    raise
+                progress.close()
+                what = ("a distribution got invalid parameters: "
+                        f"{str(error).splitlines()[0]}")
+                raise _diverged(epoch, step, what, checkpoint, len(history.loss),
+                                config.lr) from None
             loss.backward()
             loss = distributed.all_reduce_gradients(parameters, loss)
-            optimizer.step()
-            total += loss.item() * len(index)
+            value = loss.item()
+            reference = value if reference is None else reference
+            if not math.isfinite(value) or abs(value) > DIVERGENCE_FACTOR * max(abs(reference),
+                                                                                 1.0):
+                progress.close()
+                what = (f"the loss is {value:.4g} (non-finite, or more than "
+                        f"{DIVERGENCE_FACTOR:g} times the first step's)")
+                raise _diverged(epoch, step, what, checkpoint, len(history.loss), config.lr)
+            for optimizer in optimizers:
+                optimizer.step()
+            stepped = True
+            grown = set(pyro.get_param_store().keys()) - names
+            if grown:
+                progress.close()
+                raise UserError(
+                    f"The model created the parameters {sorted(grown)} after its first call, "
+                    "so the optimiser would never update them. Create every pyro.param and "
+                    "pyro.module in the first call of model and guide (on a batch of "
+                    f"{config.batch_size} images)."
+                )
+            total += value * len(index)
+            for name, factor in recorder.values.items():
+                factor_totals[name] = factor_totals.get(name, 0.0) + factor * len(local)
+                factor_images[name] = factor_images.get(name, 0) + len(local)
             progress.update()
-            progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-        history.append(total / dataset_size)
+            progress.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}")
+        if not _parameters_finite(parameters):
+            progress.close()
+            raise _diverged(epoch, steps - 1, "the parameters are no longer finite", checkpoint,
+                            len(history.loss), config.lr)
+        history.loss.append(total / dataset_size)
+        for name in sorted(factor_totals.keys() | history.factors.keys()):
+            curve = history.factors.setdefault(name, [None] * epoch)
+            curve.append(float(factor_totals[name] / factor_images[name])
+                         if name in factor_totals else None)
         if checkpoint is not None and distributed.is_main_process():
-            save_atomic({"epoch": epoch + 1, "history": history, "identity": identity,
-                         "train_config": asdict(config),
-                         "param_store": pyro.get_param_store().get_state(),
-                         "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+            cpu_rng, cuda_rng = _rng_state(features.device)
+            params = {name: value.detach().cpu()
+                      for name, value in pyro.get_param_store().get_state()["params"].items()}
+            save_atomic({"epoch": epoch + 1, "history": asdict(history), "identity": identity,
+                         "train_config": asdict(config), "param_store": params,
+                         "optimizer": sgd.state_dict() if sgd is not None else None,
+                         "group_optimizers": {k: o.state_dict() for k, o in groups.items()},
+                         "rng": cpu_rng, "cuda_rng": cuda_rng, "reference_loss": reference},
                         checkpoint)
     progress.close()
     return history
 
 
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with Pyro's RNGs (torch, random, numpy) seeded by `seed`; afterwards the
+    caller's states are back, so an evaluation never shifts what comes after it."""
+    state = pyro.util.get_rng_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        pyro.set_rng_seed(seed)
+        try:
+            yield
+        finally:
+            pyro.util.set_rng_state(state)
+
+
+def per_image_sites(program: PromptModel, features: torch.Tensor) -> tuple[str, ...]:
+    """Latent sites of the model that sit inside the `images` plate (one value per image)."""
+    trace = poutine.trace(program.model).get_trace(features[:1])
+    return tuple(name for name in program.latent_sites
+                 if any(f.name == "images" for f in trace.nodes[name]["cond_indep_stack"]))
+
+
+@torch.no_grad()
+def guide_samples(program: PromptModel, features: torch.Tensor, num_samples: int
+                  ) -> dict[str, torch.Tensor]:
+    """Latent samples from the guide on features (N, D): site -> (S, *value shape)."""
+    if not program.latent_sites:
+        return {}
+    predictive = Predictive(program.guide, num_samples=num_samples, parallel=True,
+                            return_sites=list(program.latent_sites))
+    return {k: v.detach() for k, v in predictive(features).items()}
+
+
+@dataclass
+class PosteriorDraws:
+    """S posterior draws of the latents for N images.
+
+    `latents`: site -> (S, *event) for global sites, (S, N, *event) for per-image sites.
+    S is 1 for point-estimate models (all their draws would be the same).
+    """
+
+    latents: dict[str, torch.Tensor]
+    per_image: tuple[str, ...]
+    num_samples: int
+
+    def batch(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """The draws of images start..stop: per-image sites sliced, global ones shared."""
+        return {k: v[:, start:stop] if k in self.per_image else v
+                for k, v in self.latents.items()}
+
+
+def posterior_draws(program: PromptModel, features: torch.Tensor, num_samples: int, seed: int,
+                    shared: dict[str, torch.Tensor] | None = None) -> PosteriorDraws:
+    """The one posterior predictive's draws on features (N, D), the same for any batching.
+
+    All N images are drawn at once under `seeded(seed)`, so a per-image latent depends on its
+    image and the seed only. Global latents are taken from `shared` when it holds them and
+    put there otherwise: one evaluation of several splits (base, new, other datasets) shares
+    S global draws. Memory: S x N x event size for per-image sites.
+    """
+    draws = num_samples if program.stochastic else 1
+    with seeded(seed):
+        per_image = per_image_sites(program, features)
+        latents = guide_samples(program, features, draws)
+    if shared is not None:
+        for site in latents:
+            if site not in per_image:
+                latents[site] = shared.setdefault(site, latents[site])
+    return PosteriorDraws(latents, per_image, draws)
+
+
+def replay_model(program: PromptModel, features: torch.Tensor,
+                 latents: dict[str, torch.Tensor], per_image: tuple[str, ...],
+                 num_samples: int) -> poutine.Trace:
+    """The model's trace on features (B, D) with its latents set to S draws (plate dim -2).
+
+    Global latents (S, *event) get a size-1 image dim; per-image ones are (S, B, *event). The
+    `y` site's distribution holds the class probabilities (S, B, C); its value is a sampled
+    label per draw and image.
+    """
+    conditioned = {k: v if k in per_image else v.unsqueeze(1) for k, v in latents.items()}
+    with pyro.plate("particles", num_samples, dim=-2):
+        return poutine.trace(poutine.condition(program.model, data=conditioned)
+                             ).get_trace(features)
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of batches of N images with no batch of one image (unless N = 1), so a
+    text feature batch dim of 1 always means a prompt shared by the whole batch."""
+    starts = list(range(0, n, max(batch_size, 2)))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n], strict=True))
+
+
 @torch.no_grad()
 def predictive_probs(program: PromptModel, features: torch.Tensor, num_samples: int,
-                     batch_size: int = 64) -> torch.Tensor:
-    """Class probabilities under S guide samples: features (N, D) -> (S, N, C).
+                     batch_size: int = 64, seed: int = 0,
+                     shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Class probabilities under S posterior draws: features (N, D) -> (S, N, C).
 
-    S is 1 for point-estimate models; the posterior predictive is the mean over S. At most
-    `batch_size` images a batch, fewer where their S * C prompts exceed the text budget.
+    The draws come from `posterior_draws` (seeded, independent of `batch_size`, global latents
+    shared through `shared`); S is 1 for point-estimate models. The posterior predictive is
+    the mean over S. At most `batch_size` images a batch, fewer where their S * C prompts
+    exceed the text budget (`FrozenCLIP.images_per_batch`).
     """
-    samples = num_samples if program.stochastic else 1
-    batch_size = min(batch_size, program.clip.images_per_batch(samples * len(program.classnames)))
+    draws = posterior_draws(program, features, num_samples, seed, shared)
+    batch_size = min(batch_size, program.clip.images_per_batch(
+        draws.num_samples * len(program.classnames)))
     chunks = []
-    for start in range(0, features.shape[0], batch_size):
-        _, model_trace = particle_traces(program, samples, features[start:start + batch_size])
-        chunks.append(model_trace.nodes["y"]["fn"].probs)
+    with seeded(seed):  # the replay samples labels too: keep the caller's RNG untouched
+        for start, stop in batch_bounds(features.shape[0], batch_size):
+            trace = replay_model(program, features[start:stop], draws.batch(start, stop),
+                                 draws.per_image, draws.num_samples)
+            chunks.append(trace.nodes["y"]["fn"].probs.expand(draws.num_samples, stop - start,
+                                                              -1))
     return torch.cat(chunks, dim=1)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bayesprompt.clip import FrozenCLIP
+from bayesprompt.errors import UserError
 from bayesprompt.prompts import ClassPrompts, initial_context
 
 
@@ -32,6 +33,17 @@ class PromptConfig:
     options: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class OptimizerGroup:
+    """Pyro parameters whose names start with `prefix`, trained by their own optimiser
+    ("adam" or "sgd" with momentum 0.9) at the constant learning rate `lr`, instead of the
+    reference SGD with warm-up and cosine schedule (e.g. an MI critic)."""
+
+    prefix: str
+    optimizer: str = "adam"
+    lr: float = 1e-3
+
+
 class PromptModel(nn.Module):
     """Shared machinery of the model files; see the module docstring for the contract."""
 
@@ -39,13 +51,25 @@ class PromptModel(nn.Module):
     stochastic: bool = True
     #: Latent sample sites of `model`, read by objectives and analysis.
     latent_sites: tuple[str, ...] = ()
+    #: Parameters with their own optimiser; all others get the reference SGD schedule.
+    optimizer_groups: tuple[OptimizerGroup, ...] = ()
 
     def __init__(self, clip: FrozenCLIP, classnames: list[str], config: PromptConfig) -> None:
         super().__init__()
+        self.check_options(config.options)
         self.clip = clip
         self.config = config
         self.register_buffer("init_ctx", initial_context(clip, config.n_ctx, config.ctx_init))
         self.set_classes(classnames)
+
+    def check_options(self, options: dict) -> None:
+        """Refuse `--set` options; a model file with options of its own overrides this."""
+        if options:
+            raise UserError(
+                f"The model {type(self).__name__} takes no --set options, got "
+                f"{', '.join(sorted(options))}. Drop them, or use a model that defines them "
+                "(e.g. e2mim)."
+            )
 
     def set_classes(self, classnames: list[str]) -> None:
         """Point the model at another class set (base -> new); learned parameters are kept."""

@@ -28,6 +28,7 @@ class ClassPrompts(nn.Module):
 
     def __init__(self, clip: FrozenCLIP, classnames: list[str], n_ctx: int) -> None:
         super().__init__()
+        check_context_fits(clip, classnames, n_ctx)
         placeholder = " ".join(["X"] * n_ctx)
         ids = clip.tokenize([f"{placeholder} {prompt_classname(c)}." for c in classnames])
         eot_index = ids.argmax(dim=-1)
@@ -55,6 +56,22 @@ class ClassPrompts(nn.Module):
         """
         sos = self.prefix[0].expand(*context.shape[:-2], 1, context.shape[-1])
         return torch.cat([sos, context], dim=-2)
+
+
+def check_context_fits(clip: FrozenCLIP, classnames: list[str], n_ctx: int) -> None:
+    """[SOS], n_ctx context tokens, the longest class name with '.' and [EOT] must fit in the
+    text encoder's context length, or the prompts would be cut silently."""
+    ids = clip.tokenize([f"{prompt_classname(c)}." for c in classnames])
+    name_tokens = ids.argmax(dim=-1) - 1                                  # (C,)
+    longest = int(name_tokens.argmax())
+    room = ids.shape[-1] - 2 - int(name_tokens[longest])
+    if n_ctx > room:
+        raise UserError(
+            f"--n-ctx {n_ctx} does not fit: the text encoder reads {ids.shape[-1]} tokens, and "
+            f"the longest class prompt ('{classnames[longest]}', {int(name_tokens[longest])} "
+            f"tokens) with the start and end tokens leaves room for {room} context tokens. "
+            f"Pass --n-ctx {room} or fewer."
+        )
 
 
 def initial_context(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None,

@@ -1,9 +1,9 @@
 """One training run, from options to a run folder, and back from a run folder to a model.
 
-A run folder holds `config.json` (every resolved option), `checkpoint.pt` (param store,
-optimiser and RNG state, written atomically after every epoch) and `results.json`. Under
-torchrun, rank 0 alone writes them (and the data and feature caches, before the other ranks
-read them) and evaluates.
+A run folder holds `config.json` (every resolved option), `fewshot.json` (the exact few-shot
+train and val lists), `checkpoint.pt` (param store, optimiser and RNG states, written
+atomically after every epoch) and `results.json`. Under torchrun, rank 0 alone writes them
+(and the data and feature caches, before the other ranks read them) and evaluates.
 """
 
 from __future__ import annotations
@@ -14,21 +14,29 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import pyro
 import torch
 
 from bayesprompt import distributed
 from bayesprompt.clip import FrozenCLIP, load_clip
-from bayesprompt.data.datasets import Dataset, load_dataset
+from bayesprompt.data.datasets import Dataset, known_datasets, load_dataset
 from bayesprompt.data.features import cached_features
 from bayesprompt.data.offline_world import DATASETS as OFFLINE_DATASETS
 from bayesprompt.data.offline_world import default_data_root
-from bayesprompt.data.splits import few_shot, subsample_classes
-from bayesprompt.errors import UserError
-from bayesprompt.infer import TrainConfig, load_checkpoint, predictive_probs, train
+from bayesprompt.data.splits import SUBSAMPLES, FewShot, few_shot, subsample_classes
+from bayesprompt.errors import RunInterrupted, UserError
+from bayesprompt.infer import (
+    TrainConfig,
+    create_parameters,
+    load_checkpoint,
+    predictive_probs,
+    train,
+)
 from bayesprompt.miniclip import cache_dir
 from bayesprompt.prompt_model import PromptConfig, PromptModel
 from bayesprompt.text_tower import TextBudget
@@ -60,11 +68,12 @@ DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
         "imagenet": (10, 10),
     }.items()
 }
-#: The offline world: batches of 16 with the learning rate scaled by 16 (linear scaling), so
-#: the default run takes minutes on two CPU cores; milder crops, since 32-pixel images of one
+#: The offline world: 30 epochs, long enough for CoOp to converge on miniworld's base classes;
+#: batches of 16 with the learning rate scaled by 16 (linear scaling), so the default run takes
+#: minutes on two CPU cores; milder crops, since 32-pixel images of one
 #: object lose the object in a crop of 8% of the area; residuals on the scale of a token
 #: embedding (std 0.02) rather than the reference's N(0, I), about 50 times larger.
-DATASET_DEFAULTS.update({name: DatasetDefaults(10, 10, 16, 0.032, 0.5, 0.02)
+DATASET_DEFAULTS.update({name: DatasetDefaults(10, 30, 16, 0.032, 0.5, 0.02)
                          for name in OFFLINE_DATASETS})
 FALLBACK_DEFAULTS = DatasetDefaults(10, 10)
 
@@ -97,6 +106,8 @@ class RunConfig:
     device: str = "cpu"
     precision: str = "fp32"
     eval_batch_size: int = 64
+    eval_samples: int | None = None
+    eval_seed: int | None = None
     prompt_chunk: int | None = None
     text_memory_gb: float | None = None
     grad_checkpointing: bool = False
@@ -105,20 +116,79 @@ class RunConfig:
     out: str | None = None
 
     def resolved(self) -> RunConfig:
-        """A copy with dataset defaults filled in and the run folder named."""
+        """A checked copy with defaults filled in (None means default; 0 is a value), paths
+        made absolute and the run folder named."""
         defaults = DATASET_DEFAULTS.get(self.dataset, FALLBACK_DEFAULTS)
         config = RunConfig(**asdict(self))
-        config.num_particles = self.num_particles or defaults.num_particles
-        config.epochs = defaults.epochs if self.epochs is None else self.epochs
-        config.batch_size = self.batch_size or defaults.batch_size
-        config.lr = self.lr or defaults.lr
-        config.crop_min_scale = self.crop_min_scale or defaults.crop_min_scale
-        config.residual_scale = self.residual_scale or defaults.residual_scale
+        for name in ("num_particles", "epochs", "batch_size", "lr", "crop_min_scale",
+                     "residual_scale"):
+            if getattr(self, name) is None:
+                setattr(config, name, getattr(defaults, name))
+        config.eval_samples = config.num_particles if self.eval_samples is None \
+            else self.eval_samples
+        config.eval_seed = self.seed if self.eval_seed is None else self.eval_seed
+        config.root, config.cache_dir = absolute(self.root), absolute(self.cache_dir)
+        config.dataset = dataset_option(self.dataset)
+        config.eval_on = [dataset_option(name) for name in self.eval_on]
+        if self.model.endswith(".py"):
+            config.model = absolute(self.model)
+        if self.backbone.endswith(".json"):
+            config.backbone = absolute(self.backbone)
+        if self.pretrained and Path(self.pretrained).expanduser().is_file():
+            config.pretrained = absolute(self.pretrained)
         dataset_name = Path(self.dataset).name
         model_name = Path(self.model).stem
-        config.out = self.out or str(Path("runs") / dataset_name / model_name /
-                                     f"{self.subsample}_shots{self.shots}_seed{self.seed}")
+        config.out = absolute(self.out or str(
+            Path("runs") / dataset_name / model_name /
+            f"{self.subsample}_shots{self.shots}_seed{self.seed}"))
+        check_numbers(config)
         return config
+
+
+def absolute(path: str) -> str:
+    """A path option as an absolute path without `..` or links, so that one folder has one
+    spelling in config.json."""
+    return str(Path(path).expanduser().resolve())
+
+
+def dataset_option(name: str) -> str:
+    """A dataset name as it is; a dataset folder as an absolute path."""
+    if name in known_datasets() or not Path(name).expanduser().exists():
+        return name
+    return absolute(name)
+
+
+def check_numbers(config: RunConfig) -> None:
+    """Refuse numeric options outside their meaning (a UserError naming every bad one)."""
+    def finite(value: float) -> bool:
+        return math.isfinite(value)
+
+    rules = [
+        ("--shots", config.shots, config.shots >= 0, "0 (all images) or more"),
+        ("--epochs", config.epochs, config.epochs >= 0, "0 (no training) or more"),
+        ("--batch-size", config.batch_size, config.batch_size >= 1, "1 or more"),
+        ("--num-particles", config.num_particles, config.num_particles >= 1, "1 or more"),
+        ("--eval-samples", config.eval_samples, config.eval_samples >= 1, "1 or more"),
+        ("--eval-batch-size", config.eval_batch_size, config.eval_batch_size >= 1, "1 or more"),
+        ("--lr", config.lr, finite(config.lr) and config.lr > 0, "a positive finite number"),
+        ("--views", config.views, config.views >= 0, "0 (no augmentation) or more"),
+        ("--n-ctx", config.n_ctx, config.n_ctx >= 1, "1 or more"),
+        ("--crop-min-scale", config.crop_min_scale, 0 < config.crop_min_scale <= 1,
+         "a fraction in (0, 1]"),
+        ("--kl-weight", config.kl_weight, finite(config.kl_weight) and config.kl_weight >= 0,
+         "a finite number, 0 or more"),
+        ("--prior-scale", config.prior_scale,
+         finite(config.prior_scale) and config.prior_scale > 0, "a positive finite number"),
+        ("--residual-scale", config.residual_scale,
+         finite(config.residual_scale) and config.residual_scale >= 0,
+         "a finite number, 0 (no residual) or more"),
+        ("--subsample", config.subsample, config.subsample in SUBSAMPLES,
+         f"one of {', '.join(SUBSAMPLES)}"),
+    ]
+    bad = [f"{option} must be {meaning}, got {value!r}" for option, value, ok, meaning in rules
+           if not ok]
+    if bad:
+        raise UserError(f"Bad option value: {'; '.join(bad)}. Fix it and run again.")
 
 
 def load_model_class(name: str) -> type[PromptModel]:
@@ -129,9 +199,10 @@ def load_model_class(name: str) -> type[PromptModel]:
             raise UserError(f"Model file not found: {path}.")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        _import_model_file(path, lambda: spec.loader.exec_module(module))
     elif (MODELS_DIR / f"{name}.py").is_file():
-        module = importlib.import_module(f"models.{name}")
+        module = _import_model_file(MODELS_DIR / f"{name}.py",
+                                    lambda: importlib.import_module(f"models.{name}"))
     else:
         raise UserError(
             f"Unknown model '{name}'. Known models: {', '.join(known_models())}; or pass the "
@@ -141,6 +212,18 @@ def load_model_class(name: str) -> type[PromptModel]:
     if not (isinstance(model_class, type) and issubclass(model_class, PromptModel)):
         raise UserError(f"The model file of '{name}' defines no `Model` (a PromptModel class).")
     return model_class
+
+
+def _import_model_file(path: Path, load: Callable[[], object]) -> object:
+    """Run `load` (the import of a model file); its failure becomes one clear UserError."""
+    try:
+        return load()
+    except Exception as error:  # a model file is user code: any error it raises is reported
+        where = f" (line {error.lineno})" if isinstance(error, SyntaxError) else ""
+        raise UserError(
+            f"The model file {path} could not be loaded{where}: {type(error).__name__}: "
+            f"{error}. Fix the file (run `python {path}` to see the full error)."
+        ) from None
 
 
 def known_models() -> list[str]:
@@ -155,14 +238,16 @@ def build_program(config: RunConfig, clip: FrozenCLIP, classnames: list[str],
     return load_model_class(config.model)(clip, classnames, prompt_config).to(clip.device)
 
 
-def split_datasets(config: RunConfig) -> tuple[Dataset, Dataset | None]:
-    """The training classes' dataset (few-shot) and the held-out new classes, if any."""
+def split_datasets(config: RunConfig) -> tuple[Dataset, Dataset | None, FewShot]:
+    """The training classes' dataset (few-shot), the held-out new classes if any, and the
+    few-shot selection before the base/new subsample."""
     root = Path(config.root).expanduser()
-    dataset = few_shot(load_dataset(config.dataset, root), config.shots, config.seed,
-                       Path(config.cache_dir).expanduser() / "split_fewshot")
+    selection = few_shot(load_dataset(config.dataset, root), config.shots, config.seed,
+                         Path(config.cache_dir).expanduser() / "split_fewshot")
+    dataset = selection.dataset
     if config.subsample == "all":
-        return dataset, None
-    return subsample_classes(dataset, "base"), subsample_classes(dataset, "new")
+        return dataset, None, selection
+    return subsample_classes(dataset, "base"), subsample_classes(dataset, "new"), selection
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -174,22 +259,75 @@ def harmonic_mean(base: float, new: float) -> float:
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
-def evaluate(program: PromptModel, clip: FrozenCLIP, dataset: Dataset, config: RunConfig
+def evaluate(program: PromptModel, clip: FrozenCLIP, dataset: Dataset, config: RunConfig,
+             shared: dict[str, torch.Tensor] | None = None
              ) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Accuracy (percent), predictive probabilities (S, N, C) and labels on the test split."""
+    """Accuracy (percent), predictive probabilities (S, N, C) and labels on the test split.
+
+    S = `eval_samples` draws seeded by `eval_seed` (`infer.posterior_draws`); pass the same
+    `shared` dict to every split of one evaluation so that they share the global draws.
+    """
     program.set_classes(dataset.classnames)
     cache = Path(config.cache_dir).expanduser() / "features"
     features = cached_features(clip, dataset.test, [0], cache)[0].to(clip.device)
     labels = torch.tensor([item.label for item in dataset.test])
-    probs = predictive_probs(program, features, config.num_particles,
-                             config.eval_batch_size).cpu()
+    probs = predictive_probs(program, features, config.eval_samples, config.eval_batch_size,
+                             config.eval_seed, shared).cpu()
     return accuracy(probs, labels), probs, labels
 
 
-def write_json_atomic(obj: dict, path: Path) -> None:
+def new_class_metrics(program: PromptModel, base_probs: torch.Tensor, new_probs: torch.Tensor,
+                      new_labels: torch.Tensor) -> dict:
+    """ECE and NLL of the predictive mean on the new classes' test images, and the AUROC of the
+    mutual information for telling new-class from base-class images (None for point-estimate
+    models). Probabilities (S, N, C) of each split; see docs/ANALYSIS.md for the metrics."""
+    # analysis/__init__ imports ArviZ (seconds); only this function needs the analysis package
+    from analysis.calibration import expected_calibration_error, negative_log_likelihood
+    from analysis.uncertainty import auroc, mutual_information
+
+    mean_probs = new_probs.double().mean(0)
+    mi_auroc = None
+    if program.stochastic:
+        information = [mutual_information(p.double()) for p in (base_probs, new_probs)]
+        is_new = [np.zeros(len(information[0]), bool), np.ones(len(information[1]), bool)]
+        mi_auroc = auroc(np.concatenate(information), np.concatenate(is_new))
+    return {"new_ece": expected_calibration_error(mean_probs, new_labels),
+            "new_nll": negative_log_likelihood(mean_probs, new_labels),
+            "mi_auroc_new_vs_base": mi_auroc}
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    write_text_atomic(json.dumps(obj, indent=2), path)
+
+
+def holds_run(out: Path) -> bool:
+    """True when `out` holds (part of) a run: its config, checkpoint or results."""
+    return any((out / name).exists() for name in ("config.json", "checkpoint.pt",
+                                                  "results.json"))
+
+
+def check_resume(config: RunConfig, out: Path) -> None:
+    """A run folder is resumed only with the options it was started with (`out` aside, which
+    may be spelled differently or the folder moved, and the EXECUTION_OPTIONS)."""
+    config_file = out / "config.json"
+    if not config_file.is_file():
+        return
+    saved = json.loads(config_file.read_text())
+    requested = asdict(config)
+    changed = sorted(k for k in {*saved, *requested} - {"out", *EXECUTION_OPTIONS}
+                     if saved.get(k) != requested.get(k))
+    if changed:
+        details = "; ".join(f"{k}: run has {saved.get(k)!r}, now {requested.get(k)!r}"
+                            for k in changed)
+        raise UserError(f"--resume with other options than the run in {out} ({details}). "
+                        "Resume with the run's options, or start a new run with another --out.")
 
 
 def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
@@ -198,29 +336,24 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
     `eval_on` datasets are evaluated on all their classes (cross-dataset transfer, or domain
     generalisation for a dataset with the same classes), as `transfer_acc`. Under torchrun
     every rank trains; rank 0 evaluates and returns the results, the other ranks return None.
+    Ctrl-C becomes `RunInterrupted`, which says how to continue.
     """
     config = config.resolved()
     load_model_class(config.model)  # an unknown model fails before anything is loaded
     distributed.check_batch_size(config.batch_size)
     out = Path(config.out)
     checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists() and not resume:
+    if holds_run(out) and not resume:
         raise UserError(
             f"{out} already holds a run. Pass --resume to continue it, or another --out."
         )
-    if resume and checkpoint.exists():
-        saved = json.loads((out / "config.json").read_text())
-        changed = sorted(k for k in saved.keys() | asdict(config).keys()
-                         if k not in EXECUTION_OPTIONS and saved.get(k) != asdict(config).get(k))
-        if changed:
-            raise UserError(f"--resume with other options than the run in {out}: {changed}.")
+    if resume:
+        check_resume(config, out)
+    root = Path(config.root).expanduser()
     with distributed.main_process_first():
-        base, new = split_datasets(config)
+        transfer_sets = {name: load_dataset(name, root) for name in config.eval_on}
+        base, new, selection = split_datasets(config)
         clip = load_run_clip(config, distributed.rank_device(config.device))
-    if distributed.is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(asdict(config), out / "config.json")
-
     pyro.set_rng_seed(config.seed)
     program = build_program(config, clip, base.classnames, base.template)
     cache = Path(config.cache_dir).expanduser() / "features"
@@ -228,29 +361,45 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
     with distributed.main_process_first():
         features = cached_features(clip, base.train, views, cache, config.seed,
                                    config.crop_min_scale).to(clip.device)
+    if distributed.is_main_process():  # only now: bad input leaves no half-made run
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(asdict(config), out / "config.json")
+        write_json_atomic(selection.record(), out / "fewshot.json")
     labels = torch.tensor([item.label for item in base.train], device=clip.device)
     train_config = TrainConfig(config.epochs, config.batch_size, config.num_particles,
                                config.objective, config.lr, seed=config.seed)
     started = time.perf_counter()
-    history = train(program, features, labels, train_config, checkpoint,
-                    run_identity(config, clip, base.classnames), resume)
+    try:
+        history = train(program, features, labels, train_config, checkpoint,
+                        run_identity(config, clip, base.classnames), resume)
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"Interrupted. The run folder {out} keeps the last finished epoch; run the same "
+            "command with --resume to continue it."
+        ) from None
     train_seconds = time.perf_counter() - started
     if not distributed.is_main_process():
         return None
 
-    base_acc, _, _ = evaluate(program, clip, base, config)
-    new_acc = evaluate(program, clip, new, config)[0] if new is not None else None
-    transfer = {name: evaluate(program, clip, load_dataset(name, Path(config.root).expanduser()),
-                               config)[0] for name in config.eval_on}
+    shared: dict[str, torch.Tensor] = {}
+    base_acc, base_probs, _ = evaluate(program, clip, base, config, shared)
+    new_acc, metrics = None, {"new_ece": None, "new_nll": None, "mi_auroc_new_vs_base": None}
+    if new is not None:
+        new_acc, new_probs, new_labels = evaluate(program, clip, new, config, shared)
+        metrics = new_class_metrics(program, base_probs, new_probs, new_labels)
+    transfer = {name: evaluate(program, clip, dataset, config, shared)[0]
+                for name, dataset in transfer_sets.items()}
     results = {
         "base_acc": base_acc, "new_acc": new_acc,
         "hm": harmonic_mean(base_acc, new_acc) if new_acc is not None else None,
-        "transfer_acc": transfer,
+        **metrics, "transfer_acc": transfer,
         "dataset": config.dataset, "model": config.model, "shots": config.shots,
         "seed": config.seed, "epochs": config.epochs, "num_particles": config.num_particles,
+        "eval_samples": config.eval_samples, "eval_seed": config.eval_seed,
+        "fewshot_source": selection.source,
         "train_images": len(base.train), "train_seconds": round(train_seconds, 2),
         "world_size": distributed.world_size(),
-        "loss_history": history,
+        "loss_history": history.loss, "factor_history": history.factors,
     }
     write_json_atomic(results, out / "results.json")
     return results
@@ -278,14 +427,18 @@ def load_run(run_dir: Path, device: str | None = None
         raise UserError(f"{run_dir} is not a run folder: no config.json there.")
     saved = json.loads(config_file.read_text())
     config = RunConfig(**{f.name: saved[f.name] for f in fields(RunConfig) if f.name in saved})
+    config = config.resolved()  # fills options that runs of older versions did not record
     if device:
         config.device = device
-    base, new = split_datasets(config)
+    base, new, _ = split_datasets(config)
     clip = load_run_clip(config)
     pyro.clear_param_store()
     program = build_program(config, clip, base.classnames, base.template)
     checkpoint = run_dir / "checkpoint.pt"
     if checkpoint.exists():
+        features = torch.zeros(2, clip.feature_dim, device=clip.device)
+        labels = torch.tensor([0, 1], device=clip.device) % len(base.classnames)
+        create_parameters(program, features, labels)
         load_checkpoint(checkpoint, run_identity(config, clip, base.classnames), clip.device)
     return config, program, clip, base, new
 

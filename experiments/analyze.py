@@ -21,8 +21,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run folder written by svi_train.py")
-    parser.add_argument("--num-samples", type=int, default=50,
-                        help="posterior samples S per test image (default: 50)")
+    parser.add_argument("--num-samples", type=int,
+                        help="posterior samples S per test image (default: the run's "
+                        "eval_samples, so that accuracies equal results.json's)")
+    parser.add_argument("--seed", type=int,
+                        help="seed of the posterior draws (default: the run's eval_seed)")
     parser.add_argument("--domains", nargs="*", default=[], metavar="DATASET",
                         help="datasets with the run's classes under a domain shift, "
                              "e.g. miniworld_sketch")
@@ -30,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis)")
     args = parser.parse_args(argv)
     posterior = posterior_samples(args.run_dir, args.num_samples, domains=args.domains,
-                                  device=args.device)
+                                  device=args.device, seed=args.seed)
     metrics = write_analysis(posterior, args.out)
     print("\n".join(summary_lines(metrics)))
     print(f"wrote {args.out or args.run_dir / 'analysis'}")

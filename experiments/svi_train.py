@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
     parser.add_argument("--backbone", default=DEFAULTS.backbone,
                         help="open_clip model name or model-config JSON file")
     parser.add_argument("--pretrained", default=DEFAULTS.pretrained,
-                        help="open_clip pretrained tag or checkpoint file ('' for random init)")
+                        help="open_clip pretrained tag or checkpoint file ('' for random init; "
+                        "default: MiniCLIP's own weights, none for other backbones)")
     parser.add_argument("--shots", type=int, default=DEFAULTS.shots,
                         help="images per class (0: all)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
@@ -66,8 +67,12 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
                         help="also evaluate on these datasets, all their classes (cross-dataset "
                         "transfer, domain generalisation; use with --subsample all)")
     parser.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size,
-                        help="most images per evaluation batch (fewer when their L x C prompts "
-                        "exceed the text memory budget)")
+                        help="most test images per forward pass, fewer when their S x C prompts "
+                        "exceed the text memory budget (does not change the accuracy)")
+    parser.add_argument("--eval-samples", type=int,
+                        help="posterior draws S of the evaluation (default: --num-particles)")
+    parser.add_argument("--eval-seed", type=int,
+                        help="seed of the evaluation's posterior draws (default: --seed)")
     parser.add_argument("--prompt-chunk", type=int,
                         help="prompts the text tower encodes at once (default: as many as fit "
                         "--text-memory-gb); with gradients, chunks are recomputed in backward")
@@ -86,7 +91,6 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
     args["options"] = parse_options(args["options"])
-    args["pretrained"] = args["pretrained"] or None
     if args["precision"] is None:
         args["precision"] = default_precision(args["device"])
     known = {f.name for f in fields(RunConfig)}

@@ -7,7 +7,8 @@ is mixed with a random other-class image of the batch, lam ~ Beta(mixup_alpha, m
 training: y_i ~ Categorical(p_B(x_i)); per-image factors in the data plate:
           - mixup_weight * (soft-label CE, or -log p(class 1 or 2)) on the mix anchored at x_i,
           + mi_weight * batch JSD/InfoNCE bound between p_A and p_B over real + mixed images;
-          the critic (a pyro.module) and the prompts both maximise the bound (InfoMax).
+          the critic (a pyro.module, own Adam optimiser) and the prompts both
+          maximise the bound (InfoMax).
 predict:  y_i ~ Categorical(w p_A(x_i) + (1 - w) p_B(x_i)),  w = fusion_weight.
 guide: ctx = ctx_map, a point (Delta), initialised from the words of `ctx_init`.
 Needs --batch-size >= 2 for Mixup and MI. Options (--set) and which choices are ours, not the

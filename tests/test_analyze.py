@@ -14,7 +14,8 @@ import xarray as xr
 from conftest import TINY_BACKBONE
 
 from analysis.inference_data import load_inference_data
-from analysis.posterior import batch_bounds, model_samples, posterior_samples
+from analysis.posterior import model_samples, posterior_samples
+from bayesprompt.infer import batch_bounds
 from bayesprompt.runs import RunConfig, train_and_evaluate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,11 +27,12 @@ COVERAGE_KEYS = {"prompt_spread", "total_variance", "template_distance",
                  "nearest_template_distance", "template_fraction_in_credible_region"}
 
 
-def train_run(model: str, root: Path, folder: Path) -> Path:
+def train_run(model: str, root: Path, folder: Path, eval_batch_size: int = 64) -> Path:
     """A one-epoch run of `model` on the fixture, in `folder`."""
     config = RunConfig(dataset="eurosat", root=str(root), model=model, backbone=TINY_BACKBONE,
                        pretrained=None, shots=2, epochs=1, num_particles=2, batch_size=4,
-                       views=1, cache_dir=str(folder / "cache"), out=str(folder / model))
+                       views=1, cache_dir=str(folder / "cache"), out=str(folder / model),
+                       eval_batch_size=eval_batch_size)
     train_and_evaluate(config)
     return folder / model
 
@@ -121,3 +123,18 @@ def test_probabilities_and_text_features_do_not_depend_on_batching(
         texts.append(text)
     torch.testing.assert_close(torch.cat(probs, dim=1), base.probs)
     torch.testing.assert_close(torch.cat(texts, dim=1), base.text_features)
+
+
+@pytest.mark.parametrize("model", ["vpt", "vpt_cond"])
+def test_results_and_analysis_report_one_accuracy(model: str, eurosat_root: Path,
+                                                  tmp_path: Path) -> None:
+    """The same S and seed (the run's, by default) give analyze.py results.json's accuracies,
+    whatever the evaluation batch size."""
+    run = train_run(model, eurosat_root, tmp_path, eval_batch_size=3)
+    results = json.loads((run / "results.json").read_text())
+    assert (results["eval_samples"], results["eval_seed"]) == (2, 1)
+    analyze.main([str(run), "--device", "cpu"])
+    metrics = json.loads((run / "analysis/metrics.json").read_text())
+    assert (metrics["num_samples"], metrics["seed"]) == (2, 1)
+    for split, key in (("base", "base_acc"), ("new", "new_acc")):
+        assert 100 * metrics["splits"][split]["accuracy"] == pytest.approx(results[key])

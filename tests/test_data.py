@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EUROSAT_FOLDERS, write_eurosat
+from conftest import EUROSAT_FOLDERS
 
 from bayesprompt.data.datasets import REGISTRY, Dataset, load_dataset
 from bayesprompt.data.features import cached_features, load_image
-from bayesprompt.data.splits import few_shot, subsample_classes
+from bayesprompt.data.splits import subsample_classes
 from bayesprompt.errors import UserError
 
 COOP_DATASETS = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
@@ -45,19 +45,6 @@ def test_base_new_split_relabels_like_coop(eurosat_root: Path) -> None:
     odd = Dataset("odd", list("abcde"), "{}", dataset.train[:0], [], [], dataset.folder)
     odd.test = [type(dataset.test[0])(Path("x"), label, "abcde"[label]) for label in range(5)]
     assert subsample_classes(odd, "base").classnames == ["a", "b", "c"]  # ceil(5 / 2)
-
-
-def test_few_shot_is_deterministic_and_cached(tmp_path: Path) -> None:
-    root = write_eurosat(tmp_path / "data", per_class=(6, 2, 1))
-    dataset = load_dataset("eurosat", root)
-    first = few_shot(dataset, 3, seed=1)
-    assert len(first.train) == 30 and len(first.val) == 20
-    cache_file = root / "eurosat/split_fewshot/shot_3-seed_1.json"
-    assert cache_file.is_file()
-    assert few_shot(dataset, 3, seed=1).train == first.train
-    cache_file.unlink()
-    assert few_shot(dataset, 3, seed=1).train == first.train  # same seed, same images
-    assert few_shot(dataset, 3, seed=2).train != first.train
 
 
 def test_user_folder_with_and_without_split(tmp_path: Path, eurosat_root: Path) -> None:

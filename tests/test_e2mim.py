@@ -12,7 +12,7 @@ import torch
 from bayesprompt.clip import load_clip
 from bayesprompt.e2mim import E2MIMOptions, critic_input, mixup_nll
 from bayesprompt.errors import UserError
-from bayesprompt.infer import elbo_objective, predictive_probs
+from bayesprompt.infer import TrainConfig, elbo_objective, predictive_probs, train
 from bayesprompt.mixup import class_mixup
 from bayesprompt.mutual_information import Critic, critic_objective, infonce_terms, mi_lower_bound
 from bayesprompt.priors import isotropic_normal
@@ -101,7 +101,8 @@ def test_mixed_class_is_scored_by_the_union_of_its_classes():
 
 
 @pytest.mark.parametrize("options", [{"bogus": 1}, {"mi_bound": "mine"}, {"mixup": "yes"},
-                                     {"fusion_weight": 2}, {"mixup_label": "hard"}])
+                                     {"fusion_weight": 2}, {"mixup_label": "hard"},
+                                     {"critic_optimizer": "rmsprop"}, {"critic_lr": 0}])
 def test_bad_options_are_user_errors(options):
     with pytest.raises(UserError):
         E2MIMOptions.parse(options)
@@ -184,6 +185,26 @@ def test_fusion_weight_interpolates_the_two_views(tiny_clip):
     torch.testing.assert_close(fused[0.3], 0.3 * fused[1.0] + 0.7 * fused[0.0])
     without = build(tiny_clip, "e2mim", {"handcrafted": False, "fusion_weight": 1.0})
     torch.testing.assert_close(predictive_probs(without, features, 1), learnable)
+
+
+def test_the_mi_estimate_rises_with_the_critics_own_optimiser(tiny_clip):
+    # Classes separable in feature space: both views carry the class, so their MI is large.
+    # A critic on SGD at the prompts' base rate 0.002 keeps the logged JSD bound within 0.02
+    # of 0 for 45 steps; Adam at the default critic_lr lifts it to about 0.75 (measured).
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(6)
+    centres = torch.randn(4, tiny_clip.feature_dim, generator=generator)
+    noise = 0.3 * torch.randn(len(labels), tiny_clip.feature_dim, generator=generator)
+    features = torch.nn.functional.normalize(centres[labels] + noise, dim=-1).unsqueeze(0)
+    config = TrainConfig(epochs=15, batch_size=8, num_particles=1, lr=0.002)
+    curves = {}
+    for name, options in [("adam", {}), ("sgd", {"critic_optimizer": "sgd", "critic_lr": 0.002})]:
+        torch.manual_seed(0)
+        curves[name] = train(build(tiny_clip, "e2mim", options), features, labels,
+                             config).factors["mi"]
+    assert len(curves["adam"]) == 15 and curves["adam"][0] < 0.05
+    assert sum(curves["adam"][-3:]) / 3 > 0.4
+    assert max(abs(value) for value in curves["sgd"]) < 0.05
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def test_model_trains_and_predicts(name: str, tiny_clip) -> None:
     program = load_model_class(name)(tiny_clip, CLASSES, PromptConfig())
     features, labels = separable_features(tiny_clip)
     config = TrainConfig(epochs=12, batch_size=24, num_particles=4, lr=0.02, warmup_epochs=0)
-    history = train(program, features, labels, config)
+    history = train(program, features, labels, config).loss
     assert len(history) == 12
     assert sum(history[-3:]) / 3 < sum(history[:3]) / 3
     probs = predictive_probs(program, features[0], num_samples=5, batch_size=10)
@@ -58,7 +58,7 @@ def test_zeroshot_has_no_parameters_and_uses_the_template(tiny_clip) -> None:
     config = PromptConfig(template="a drawing of a {}.")
     program = load_model_class("zeroshot")(tiny_clip, CLASSES, config)
     features, labels = separable_features(tiny_clip)
-    assert train(program, features, labels, TrainConfig(epochs=3)) == []
+    assert train(program, features, labels, TrainConfig(epochs=3)).loss == []
     probs = predictive_probs(program, features[0], num_samples=7)
     text = tiny_clip.encode_texts([f"a drawing of a {c}." for c in CLASSES])
     expected = torch.softmax(tiny_clip.logit_scale * features[0] @ text.T, dim=-1)

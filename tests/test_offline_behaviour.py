@@ -1,4 +1,4 @@
-"""Behaviour on the offline world: MiniCLIP knows the classes, prompt learning adapts to a shift."""
+"""Behaviour on the offline world: MiniCLIP knows the classes; CoOp over-fits its base classes."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ def test_defaults_are_the_offline_world() -> None:
     assert defaults.model == "vpt_cond" and defaults.batch_size == 16
 
 
-def test_prompt_learning_beats_zero_shot_on_a_shifted_dataset(offline_root: Path,
-                                                               tmp_path: Path) -> None:
-    zero_shot = run("zeroshot", "miniworld_sketch", offline_root, tmp_path)
-    assert zero_shot["base_acc"] > 5 * 100 / 12 and zero_shot["new_acc"] > 5 * 100 / 12
-    coop = run("coop", "miniworld_sketch", offline_root, tmp_path)
-    assert coop["base_acc"] > zero_shot["base_acc"] + 2.0
+def test_coop_gains_on_base_and_loses_on_new_classes(offline_root: Path, tmp_path: Path) -> None:
+    """The world's defining property (docs/OFFLINE_WORLD.md), at one seed and the defaults."""
+    zero_shot = run("zeroshot", "miniworld", offline_root, tmp_path)
+    chance = 100 / 16
+    assert zero_shot["base_acc"] > 4 * chance and zero_shot["new_acc"] > 4 * chance
+    coop = run("coop", "miniworld", offline_root, tmp_path)
+    assert coop["base_acc"] > zero_shot["base_acc"] + 3.0
+    assert coop["new_acc"] < zero_shot["new_acc"] - 2.0

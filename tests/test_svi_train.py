@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import runpy
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import write_eurosat
 
 import bayesprompt.infer as infer
 from bayesprompt.cli import run_main
+from bayesprompt.runs import new_class_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "svi_train.py"
@@ -32,6 +36,11 @@ def test_every_model_runs_end_to_end(model: str, run_args: list[str], tmp_path: 
     results = json.loads((out / "results.json").read_text())
     for key in ("base_acc", "new_acc", "hm"):
         assert 0.0 <= results[key] <= 100.0
+    assert 0.0 <= results["new_ece"] <= 1.0 and results["new_nll"] > 0.0
+    stochastic = model in ("vpt", "vpt_cond")
+    assert (results["mi_auroc_new_vs_base"] is not None) == stochastic
+    if stochastic:
+        assert 0.0 <= results["mi_auroc_new_vs_base"] <= 1.0
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == model and config["epochs"] == 2 and config["num_particles"] == 3
     assert (out / "checkpoint.pt").exists() == (model != "zeroshot")
@@ -60,7 +69,7 @@ def test_all_classes_has_no_new_split(run_args: list[str], tmp_path: Path) -> No
 
 
 def test_resume_continues_to_the_same_result(run_args: list[str], tmp_path: Path,
-                                             monkeypatch) -> None:
+                                             monkeypatch, capsys) -> None:
     args = [*run_args, "--model", "vpt", "--epochs", "3"]
     run_cli([*args, "--out", str(tmp_path / "full")])
     full = json.loads((tmp_path / "full/results.json").read_text())
@@ -77,8 +86,11 @@ def test_resume_continues_to_the_same_result(run_args: list[str], tmp_path: Path
             raise KeyboardInterrupt  # the run is stopped after its second epoch
 
     monkeypatch.setattr(infer, "save_atomic", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:
         run_cli(args)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "Interrupted" in err and "--resume" in err and "Traceback" not in err
     assert not (tmp_path / "run/results.json").exists()
     monkeypatch.setattr(infer, "save_atomic", save)
     run_cli([*args, "--resume"])
@@ -153,3 +165,18 @@ def test_cross_dataset_and_domain_evaluation(run_args: list[str], tmp_path: Path
     assert set(results["transfer_acc"]) == {str(target)}
     assert 0.0 <= results["transfer_acc"][str(target)] <= 100.0
     assert f"{target}: " in capsys.readouterr().out
+
+
+def test_new_class_metrics_of_known_probabilities() -> None:
+    # base images: identical samples (no mutual information); new: samples that disagree
+    base = torch.tensor([[[0.9, 0.1]], [[0.9, 0.1]]]).expand(2, 3, 2)          # (S, N, C)
+    new = torch.tensor([[[0.8, 0.2], [0.2, 0.8]], [[0.6, 0.4], [0.4, 0.6]]])    # (S=2, N=2, C)
+    labels = torch.tensor([0, 0])
+    program = SimpleNamespace(stochastic=True)
+    metrics = new_class_metrics(program, base, new, labels)
+    # predictive mean on new: [0.7, 0.3] (right, confidence 0.7), [0.3, 0.7] (wrong, 0.7)
+    assert metrics["new_nll"] == pytest.approx(-(math.log(0.7) + math.log(0.3)) / 2)
+    assert metrics["new_ece"] == pytest.approx(abs(0.5 - 0.7))
+    assert metrics["mi_auroc_new_vs_base"] == pytest.approx(1.0)
+    program.stochastic = False
+    assert new_class_metrics(program, base, new, labels)["mi_auroc_new_vs_base"] is None

@@ -20,6 +20,8 @@ from bayesprompt.data.offline_world import write_offline_dataset
 from bayesprompt.errors import UserError
 
 SPLITS = ("train", "val", "test")
+#: CoOp's folder of few-shot pickles inside a dataset folder; never a class folder.
+FEWSHOT_DIR = "split_fewshot"
 COOP_DATA_DOCS = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
 
@@ -39,6 +41,12 @@ class Dataset:
     val: list[Item]
     test: list[Item]
     folder: Path
+    image_root: Path | None = None
+
+    @property
+    def images_folder(self) -> Path:
+        """The folder the split file's relative image paths start from."""
+        return self.image_root or self.folder
 
 
 @dataclass(frozen=True)
@@ -133,7 +141,8 @@ def load_dataset(name: str, root: Path) -> Dataset:
                    "imagenet": _read_imagenet, "imagenet_variant": _read_imagenet_variant}
         splits = readers[spec.reader](spec, folder)
         classnames = _classnames(splits["test"] or splits["train"])
-        return Dataset(name, classnames, spec.template, *(splits[s] for s in SPLITS), folder)
+        return Dataset(name, classnames, spec.template, *(splits[s] for s in SPLITS), folder,
+                       folder / spec.image_dir)
     path = Path(name).expanduser()
     if path.is_dir():
         return read_user_folder(path, path.name)
@@ -153,6 +162,15 @@ def read_user_folder(folder: Path, name: str) -> Dataset:
         splits = _read_split_file(split_file, image_root, {})
     else:
         splits = _split_class_folders(image_root)
+    counts = {split: len(items) for split, items in splits.items()}
+    if any(counts.values()) and not (counts["train"] and counts["test"]):
+        raise UserError(
+            f"The dataset folder {folder} has too few images to train and test: the split "
+            f"gives {counts['train']} training, {counts['val']} validation and "
+            f"{counts['test']} test images. Class folders without split.json are split "
+            "50/20/30 per class, so every class needs at least 2 images (better 10 or more); "
+            "add images, or list train and test images in a split.json (CoOp format)."
+        )
     if not splits["train"] or not splits["test"]:
         raise UserError(
             f"The dataset folder {folder} has no images: expected class subfolders of images "
@@ -160,7 +178,7 @@ def read_user_folder(folder: Path, name: str) -> Dataset:
         )
     classnames = meta.get("classnames") or _classnames(splits["train"] + splits["test"])
     template = meta.get("template", "a photo of a {}.")
-    return Dataset(name, classnames, template, *(splits[s] for s in SPLITS), folder)
+    return Dataset(name, classnames, template, *(splits[s] for s in SPLITS), folder, image_root)
 
 
 def _classnames(items: list[Item]) -> list[str]:
@@ -254,7 +272,8 @@ def _read_imagenet_variant(spec: DatasetSpec, folder: Path) -> dict[str, list[It
 def _split_class_folders(image_root: Path, train: float = 0.5, val: float = 0.2,
                          seed: int = 1) -> dict[str, list[Item]]:
     """Split each class folder 50/20/30 with a fixed seed (CoOp's read_and_split_data)."""
-    folders = sorted(p for p in image_root.iterdir() if p.is_dir()) if image_root.is_dir() else []
+    folders = sorted(p for p in image_root.iterdir() if p.is_dir() and p.name != FEWSHOT_DIR) \
+        if image_root.is_dir() else []
     splits: dict[str, list[Item]] = {s: [] for s in SPLITS}
     rng = random.Random(seed)
     for label, sub in enumerate(folders):
