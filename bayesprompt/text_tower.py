@@ -121,7 +121,7 @@ def shared_prefix_features(tower: nn.Module, prefix: torch.Tensor, suffix: torch
     TextTransformer; its `transformer.grad_checkpointing` (open_clip's
     `set_grad_checkpointing`) recomputes each layer of the suffix pass in the backward pass.
     """
-    groups, prefix_len, width = prefix.shape
+    groups, prefix_len, _ = prefix.shape
     n_classes, suffix_len = suffix.shape[-3:-1]
     if not bool(((eot_index >= prefix_len) & (eot_index < prefix_len + suffix_len)).all()):
         raise ValueError("every EOT position must lie in the suffix")
