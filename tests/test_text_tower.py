@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 
 import pyro
 import pytest
@@ -16,7 +17,7 @@ from bayesprompt.errors import UserError
 from bayesprompt.infer import predictive_probs
 from bayesprompt.prompt_model import PromptConfig
 from bayesprompt.prompts import ClassPrompts
-from bayesprompt.runs import load_model_class
+from bayesprompt.runs import RunConfig, check_resume, load_model_class, write_json_atomic
 from bayesprompt.text_tower import TextBudget, causal_text_features, shared_prefix_features
 
 CLASSES = ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road",
@@ -195,3 +196,12 @@ def test_default_precision_follows_the_processor(monkeypatch) -> None:
     assert (cli.default_precision("cpu"), cli.default_precision("cuda:1")) == ("fp32", "bf16")
     monkeypatch.setattr(cli, "cpu_has_bf16_matmul", lambda: True)
     assert cli.default_precision("cpu") == "bf16"
+
+
+def test_a_run_resumes_with_other_memory_options(tmp_path) -> None:
+    config = RunConfig(out=str(tmp_path)).resolved()
+    write_json_atomic(asdict(config), tmp_path / "config.json")
+    check_resume(replace(config, prompt_chunk=8, text_memory_gb=1.5, grad_checkpointing=True),
+                 tmp_path)
+    with pytest.raises(UserError, match="other options.*seed"):
+        check_resume(replace(config, seed=2), tmp_path)
