@@ -29,7 +29,7 @@ from bayesprompt.errors import UserError, first_line
 from bayesprompt.files import read_json
 from bayesprompt.miniclip import MODEL_NAME as MINICLIP
 from bayesprompt.miniclip import ensure_miniclip, register_miniclip
-from bayesprompt.text_tower import causal_text_features
+from bayesprompt.text_tower import TextBudget, check_supported, shared_prefix_features
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -52,14 +52,18 @@ class FrozenCLIP(nn.Module):
     """An open_clip CLIP with every weight frozen, exposing what prompt learning needs.
 
     Text features are computed from token *embeddings* (so context vectors can be learned or
-    sampled) by the causal text transformer cut at the longest EOT position of the batch.
+    sampled) by the causal text transformer cut at the longest EOT position of the batch, with
+    the [SOS] + context prefix shared by all classes (`bayesprompt.text_tower`), in chunks
+    under `text_budget`.
     """
 
     def __init__(self, model: nn.Module, identity: str, image_stats: ImageStats,
-                 tokenizer: Callable, precision: str = "fp32") -> None:
+                 tokenizer: Callable, precision: str = "fp32",
+                 text_budget: TextBudget | None = None) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.text = _causal_text_tower(model, identity)
+        self.text_budget = text_budget or TextBudget()
         self.identity = identity
         self.image_stats = image_stats
         self.tokenizer = tokenizer
@@ -76,16 +80,21 @@ class FrozenCLIP(nn.Module):
         """exp(logit_scale), a scalar."""
         return self.model.logit_scale.exp().float()
 
-    @property
-    def compute_precision(self) -> str:
-        """The precision features are computed in: `precision` on CUDA, fp32 elsewhere."""
-        return self.precision if self.device.type == "cuda" else "fp32"
-
     def autocast(self) -> contextlib.AbstractContextManager:
-        """fp16/bf16 autocast on CUDA; a no-op in fp32 or on the CPU."""
-        if self.compute_precision == "fp32":
+        """fp16/bf16 autocast on CUDA, bf16 autocast on the CPU; a no-op in fp32."""
+        if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=PRECISIONS[self.precision])
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
+
+    def images_per_batch(self, prompts_per_image: int) -> int:
+        """Images whose prompts (L * C each) fit half the text budget as features, no grad."""
+        per_prompt = 4 * self.feature_dim * 4  # fp32 features, normalised copy, logits, probs
+        budget = self.text_budget.memory_bytes(self.device) // 2
+        return max(1, budget // (prompts_per_image * per_prompt))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each text layer in the backward pass (open_clip's flag, read by the tower)."""
+        self.text.transformer.grad_checkpointing = enable
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Token ids (N, context_length), on the model's device."""
@@ -107,13 +116,29 @@ class FrozenCLIP(nn.Module):
         """Prompt embeddings (..., C, T, W) with EOT positions (C,) -> (..., C, D), unit norm.
 
         Runs the causal transformer on the first T positions only; T is the longest EOT + 1 of
-        the prompts, so this equals `encode_text` on the full padded sequence.
+        the prompts, so this equals `encode_text` on the full padded sequence. Every prompt is
+        encoded on its own; `encode_shared_prefix` shares the work of a common prefix.
         """
         *lead, n_prompts, length, width = embeddings.shape
-        eot = eot_index.to(self.device).expand(*lead, n_prompts).reshape(-1)
+        flat = embeddings.reshape(-1, 1, length, width)  # each prompt a group of one class
+        eot = eot_index.to(self.device).expand(*lead, n_prompts).reshape(-1, 1)
+        return self.encode_shared_prefix(flat[:, 0, :1], flat[:, :, 1:], eot).reshape(
+            *lead, n_prompts, -1)
+
+    def encode_shared_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor,
+                             eot_index: torch.Tensor) -> torch.Tensor:
+        """Prefixes (..., p, W) and class suffixes (C, S, W) -> (..., C, D), unit norm.
+
+        Prompt (..., c) is `prefix[...] + suffix[c]` with its EOT at `eot_index[c]` (C,); the
+        prefix's keys and values are computed once for all C classes. Suffixes (G, C, S, W)
+        with EOT positions (G, C) give each of the G flattened prefixes its own suffixes.
+        """
+        *lead, prefix_len, width = prefix.shape
         with self.autocast():
-            x = causal_text_features(self.text, embeddings.reshape(-1, length, width), eot)
-        return F.normalize(x.float(), dim=-1).reshape(*lead, n_prompts, -1)
+            x = shared_prefix_features(self.text, prefix.reshape(-1, prefix_len, width),
+                                       suffix.unsqueeze(0) if suffix.dim() == 3 else suffix,
+                                       eot_index.to(self.device), self.text_budget)
+        return F.normalize(x.float(), dim=-1).reshape(*lead, suffix.shape[-3], -1)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Hand-written prompts, N strings -> (N, D) unit-norm text features (no gradient)."""
@@ -144,6 +169,7 @@ def _causal_text_tower(model: nn.Module, identity: str) -> nn.Module:
             "transformer pooled at the EOT token ('argmax'), as in OpenAI CLIP. SigLIP-style "
             "towers ('last' pooling, no causal mask) and CoCa towers cannot be cut at the EOT."
         )
+    check_supported(tower, identity)
     return tower
 
 
@@ -213,15 +239,23 @@ def _check_pretrained(name: str, pretrained: str) -> None:
 
 
 def load_clip(backbone: str, pretrained: str | None = None, device: str = "cpu",
-              precision: str = "fp32", cache_dir: str | None = None) -> FrozenCLIP:
+              precision: str = "fp32", cache_dir: str | None = None,
+              text_budget: TextBudget | None = None, grad_checkpointing: bool = False
+              ) -> FrozenCLIP:
     """Build a frozen CLIP from an open_clip name or model-config JSON, and weights.
 
     `pretrained` is an open_clip tag (e.g. 'openai'), a local checkpoint file, or None: the
     project's own weights for an embedded backbone (MiniCLIP), otherwise a random init that is
-    seeded, so every process builds the same model.
+    seeded, so every process builds the same model. `text_budget` bounds the memory of prompt
+    encoding; `grad_checkpointing` recomputes text layers in the backward pass.
     """
     if precision not in PRECISIONS:
         raise UserError(f"Unknown precision '{precision}'; choose one of {list(PRECISIONS)}.")
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise UserError(
+            f"fp16 is a CUDA precision; on '{device}' use --precision bf16 (on processors with "
+            "bf16 matrix units) or fp32."
+        )
     name = _model_name(backbone)
     if pretrained is None and name in EMBEDDED_WEIGHTS:
         pretrained = str(EMBEDDED_WEIGHTS[name]())
@@ -243,8 +277,10 @@ def load_clip(backbone: str, pretrained: str | None = None, device: str = "cpu",
     _causal_text_tower(model, name)  # before the tokenizer, which may need other packages
     stats = _image_stats(preprocess)
     identity = f"{name}:{config_digest(name)}:{_weights_identity(pretrained)}"
-    return FrozenCLIP(model, identity, stats,
-                      open_clip.get_tokenizer(name), precision)
+    clip = FrozenCLIP(model, identity, stats, open_clip.get_tokenizer(name), precision,
+                      text_budget)
+    clip.set_grad_checkpointing(grad_checkpointing)
+    return clip
 
 
 #: What reading or loading a checkpoint file that does not fit raises, in open_clip or torch.

@@ -497,9 +497,12 @@ def predictive_probs(program: PromptModel, features: torch.Tensor, num_samples: 
 
     The draws come from `posterior_draws` (seeded, independent of `batch_size`, global latents
     shared through `shared`); S is 1 for point-estimate models. The posterior predictive is
-    the mean over S.
+    the mean over S. At most `batch_size` images a batch, fewer where their S * C prompts
+    exceed the text budget (`FrozenCLIP.images_per_batch`).
     """
     draws = posterior_draws(program, features, num_samples, seed, shared)
+    batch_size = min(batch_size, program.clip.images_per_batch(
+        draws.num_samples * len(program.classnames)))
     chunks = []
     with seeded(seed):  # the replay samples labels too: keep the caller's RNG untouched
         for start, stop in batch_bounds(features.shape[0], batch_size):

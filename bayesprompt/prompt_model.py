@@ -93,8 +93,12 @@ class PromptModel(nn.Module):
         return self.config.residual_scale * r.unsqueeze(-2)
 
     def text_features(self, context: torch.Tensor) -> torch.Tensor:
-        """Context (..., n_ctx, W) -> unit-norm class text features (..., C, D)."""
-        return self.clip.encode_prompts(self.prompts.splice(context), self.prompts.eot_index)
+        """Context (..., n_ctx, W) -> unit-norm class text features (..., C, D).
+
+        The [SOS] + context prefix is encoded once for all C classes (see `text_tower`).
+        """
+        return self.clip.encode_shared_prefix(self.prompts.shared_prefix(context),
+                                              self.prompts.suffix, self.prompts.eot_index)
 
     def class_logits(self, image_features: torch.Tensor, text_features: torch.Tensor
                      ) -> torch.Tensor:

@@ -49,6 +49,14 @@ class ClassPrompts(nn.Module):
         suffix = self.suffix.expand(*lead, *self.suffix.shape)
         return torch.cat([prefix, context, suffix], dim=-2)
 
+    def shared_prefix(self, context: torch.Tensor) -> torch.Tensor:
+        """Context (..., n_ctx, W) -> [SOS] + context (..., 1 + n_ctx, W), one for all classes.
+
+        `shared_prefix(context)[..., None, :, :]` followed by `suffix` is `splice(context)`.
+        """
+        sos = self.prefix[0].expand(*context.shape[:-2], 1, context.shape[-1])
+        return torch.cat([sos, context], dim=-2)
+
 
 def check_context_fits(clip: FrozenCLIP, classnames: list[str], n_ctx: int) -> None:
     """[SOS], n_ctx context tokens, the longest class name with '.' and [EOT] must fit in the

@@ -38,8 +38,12 @@ from bayesprompt.infer import (
 )
 from bayesprompt.miniclip import cache_dir
 from bayesprompt.prompt_model import PromptConfig, PromptModel
+from bayesprompt.text_tower import TextBudget
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+#: Options that change how fast and in how much memory a run goes, not its results: a run may
+#: be resumed with other values.
+EXECUTION_OPTIONS = ("prompt_chunk", "text_memory_gb", "grad_checkpointing")
 
 @dataclass(frozen=True)
 class DatasetDefaults:
@@ -103,6 +107,9 @@ class RunConfig:
     eval_batch_size: int = 64
     eval_samples: int | None = None
     eval_seed: int | None = None
+    prompt_chunk: int | None = None
+    text_memory_gb: float | None = None
+    grad_checkpointing: bool = False
     eval_on: list[str] = field(default_factory=list)
     cache_dir: str = str(cache_dir())
     out: str | None = None
@@ -301,13 +308,13 @@ def holds_run(out: Path) -> bool:
 
 def check_resume(config: RunConfig, out: Path) -> None:
     """A run folder is resumed only with the options it was started with (`out` aside, which
-    may be spelled differently or the folder moved)."""
+    may be spelled differently or the folder moved, and the EXECUTION_OPTIONS)."""
     config_file = out / "config.json"
     if not config_file.is_file():
         return
     saved = read_json(config_file, RUN_CONFIG_FILE)
     requested = asdict(config)
-    changed = sorted(k for k in {*saved, *requested} - {"out"}
+    changed = sorted(k for k in {*saved, *requested} - {"out", *EXECUTION_OPTIONS}
                      if saved.get(k) != requested.get(k))
     if changed:
         details = "; ".join(f"{k}: run has {saved.get(k)!r}, now {requested.get(k)!r}"
@@ -339,8 +346,7 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
     with distributed.main_process_first():
         transfer_sets = {name: load_dataset(name, root) for name in config.eval_on}
         base, new, selection = split_datasets(config)
-        clip = load_clip(config.backbone, config.pretrained,
-                         distributed.rank_device(config.device), config.precision)
+        clip = load_run_clip(config, distributed.rank_device(config.device))
     pyro.set_rng_seed(config.seed)
     program = build_program(config, clip, base.classnames, base.template)
     cache = Path(config.cache_dir).expanduser() / "features"
@@ -392,6 +398,14 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
     return results
 
 
+def load_run_clip(config: RunConfig, device: str | None = None) -> FrozenCLIP:
+    """The run's frozen CLIP (on `device`, default the run's), with its memory options."""
+    return load_clip(config.backbone, config.pretrained, device or config.device,
+                     config.precision,
+                     text_budget=TextBudget(config.prompt_chunk, config.text_memory_gb),
+                     grad_checkpointing=config.grad_checkpointing)
+
+
 def run_identity(config: RunConfig, clip: FrozenCLIP, classnames: list[str]) -> dict:
     """What a checkpoint must match to be resumed or loaded into this run."""
     return {"model": config.model, "backbone": clip.identity, "classnames": classnames,
@@ -410,7 +424,7 @@ def load_run(run_dir: Path, device: str | None = None
     if device:
         config.device = device
     base, new, _ = split_datasets(config)
-    clip = load_clip(config.backbone, config.pretrained, config.device, config.precision)
+    clip = load_run_clip(config)
     pyro.clear_param_store()
     program = build_program(config, clip, base.classnames, base.template)
     checkpoint = run_dir / "checkpoint.pt"

@@ -44,7 +44,7 @@ from typing import get_args, get_type_hints
 from tqdm.auto import tqdm
 
 from analysis.plots import plot_grouped_bars
-from bayesprompt.cli import add_common_arguments, parse_options, run_main
+from bayesprompt.cli import add_common_arguments, default_precision, parse_options, run_main
 from bayesprompt.data.datasets import load_dataset
 from bayesprompt.data.offline_world import BENCHMARK_DEFAULTS
 from bayesprompt.errors import UserError
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds names a seed twice: {args.seeds}.")
     out = Path(args.out or Path("runs") / "benchmark" / args.protocol)
-    precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    precision = args.precision or default_precision(args.device)
     base2new = args.protocol == "base2new"
     trained_on = datasets if base2new else datasets[:1]
     root = Path(settings.get("root", RunConfig.root)).expanduser()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from bayesprompt.cli import add_common_arguments, parse_options, run_main
+from bayesprompt.cli import add_common_arguments, default_precision, parse_options, run_main
 from bayesprompt.data.datasets import known_datasets
 from bayesprompt.data.splits import SUBSAMPLES
 from bayesprompt.distributed import process_group
@@ -67,11 +67,21 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
                         help="also evaluate on these datasets, all their classes (cross-dataset "
                         "transfer, domain generalisation; use with --subsample all)")
     parser.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size,
-                        help="test images per forward pass (does not change the accuracy)")
+                        help="most test images per forward pass, fewer when their S x C prompts "
+                        "exceed the text memory budget (does not change the accuracy)")
     parser.add_argument("--eval-samples", type=int,
                         help="posterior draws S of the evaluation (default: --num-particles)")
     parser.add_argument("--eval-seed", type=int,
                         help="seed of the evaluation's posterior draws (default: --seed)")
+    parser.add_argument("--prompt-chunk", type=int,
+                        help="prompts the text tower encodes at once (default: as many as fit "
+                        "--text-memory-gb); with gradients, chunks are recomputed in backward")
+    parser.add_argument("--text-memory-gb", type=float,
+                        help="memory budget of prompt encoding (default: a quarter of the free "
+                        "RAM on the CPU, half the free GPU memory on CUDA)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute each text-tower layer in the backward pass (less memory, "
+                        "more time)")
     parser.add_argument("--cache-dir", default=DEFAULTS.cache_dir,
                         help="feature and few-shot cache")
     parser.add_argument("--out", help="run folder (default: runs/DATASET/MODEL/...)")
@@ -82,7 +92,7 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
     resume = args.pop("resume")
     args["options"] = parse_options(args["options"])
     if args["precision"] is None:
-        args["precision"] = "bf16" if args["device"].startswith("cuda") else "fp32"
+        args["precision"] = default_precision(args["device"])
     known = {f.name for f in fields(RunConfig)}
     return RunConfig(**{k: v for k, v in args.items() if k in known}), resume
 

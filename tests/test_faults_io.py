@@ -152,13 +152,12 @@ def test_feature_cache_key_covers_the_backbone_config_content(eurosat_root, tmp_
     assert len(keys) == 2
 
 
-def test_feature_cache_key_covers_the_compute_precision(tiny_clip, eurosat_root):
+def test_feature_cache_key_covers_the_precision(tiny_clip, eurosat_root):
     items = load_dataset("eurosat", eurosat_root).test[:2]
-    on_cuda_in_bf16 = SimpleNamespace(identity=tiny_clip.identity, compute_precision="bf16",
-                                      image_stats=tiny_clip.image_stats)
-    assert tiny_clip.compute_precision == "fp32"  # on the CPU, whatever --precision says
-    assert cache_key(on_cuda_in_bf16, items, 0, 0, 0.08) != cache_key(tiny_clip, items, 0, 0,
-                                                                        0.08)
+    in_bf16 = SimpleNamespace(identity=tiny_clip.identity, precision="bf16",
+                              image_stats=tiny_clip.image_stats)
+    assert tiny_clip.precision == "fp32"
+    assert cache_key(in_bf16, items, 0, 0, 0.08) != cache_key(tiny_clip, items, 0, 0, 0.08)
 
 
 @pytest.mark.parametrize("damage", ["zeroed middle", "truncated", "wrong values",

@@ -48,6 +48,20 @@ def test_every_model_runs_end_to_end(model: str, run_args: list[str], tmp_path: 
     assert last_line.startswith("base ") and "new " in last_line and "harmonic mean" in last_line
 
 
+def test_memory_options_change_no_result(run_args: list[str], tmp_path: Path) -> None:
+    args = [*run_args, "--model", "vpt_cond", "--precision", "fp32"]
+    run_cli([*args, "--out", str(tmp_path / "plain")])
+    run_cli([*args, "--out", str(tmp_path / "chunked"), "--prompt-chunk", "2",
+             "--grad-checkpointing"])
+    plain, chunked = (json.loads((tmp_path / name / "results.json").read_text())
+                      for name in ("plain", "chunked"))
+    assert chunked["loss_history"] == pytest.approx(plain["loss_history"], rel=1e-5)
+    for key in ("base_acc", "new_acc"):
+        assert chunked[key] == plain[key]
+    config = json.loads((tmp_path / "chunked/config.json").read_text())
+    assert config["prompt_chunk"] == 2 and config["grad_checkpointing"] is True
+
+
 def test_all_classes_has_no_new_split(run_args: list[str], tmp_path: Path) -> None:
     run_cli([*run_args, "--model", "coop", "--subsample", "all"])
     results = json.loads((tmp_path / "run/results.json").read_text())

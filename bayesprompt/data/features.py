@@ -66,7 +66,7 @@ def cache_key(clip: FrozenCLIP, items: list[Item], view: int, seed: int, min_sca
     """A hash of everything the features depend on."""
     transform = image_transform(clip, view > 0, min_scale)
     description = {
-        "format": CACHE_FORMAT, "clip": clip.identity, "precision": clip.compute_precision,
+        "format": CACHE_FORMAT, "clip": clip.identity, "precision": clip.precision,
         "transform": repr(transform),
         "view": view, "seed": seed,
         "images": hashlib.sha1("\n".join(_file_identity(i.path) for i in items).encode()
