@@ -34,11 +34,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from bayesprompt.cli import add_common_arguments, default_precision, run_main
 from bayesprompt.clip import PRECISIONS, FrozenCLIP, load_clip
 from bayesprompt.data.datasets import EUROSAT_NAMES
+from bayesprompt.files import write_json
 from bayesprompt.guides import AmortizedGaussian
 from bayesprompt.infer import OBJECTIVES, PAPER_KL_WEIGHT, TrainConfig, make_objective
 from bayesprompt.prompt_model import PromptConfig, PromptModel
 from bayesprompt.prompts import initial_context, prompt_classname
-from bayesprompt.runs import load_model_class, write_json_atomic
+from bayesprompt.runs import load_model_class
 from bayesprompt.text_tower import TextBudget, causal_text_features
 
 
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"text budget: {chunk}; peak memory after our steps: {our_peak}; at the end: "
           f"{peak_memory(device)}")
     if args.json:
-        write_json_atomic(results, args.json)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

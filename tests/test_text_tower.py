@@ -14,10 +14,11 @@ from conftest import TINY_BACKBONE
 import bayesprompt.cli as cli
 from bayesprompt.clip import load_clip
 from bayesprompt.errors import UserError
+from bayesprompt.files import write_json
 from bayesprompt.infer import predictive_probs
 from bayesprompt.prompt_model import PromptConfig
 from bayesprompt.prompts import ClassPrompts
-from bayesprompt.runs import RunConfig, check_resume, load_model_class, write_json_atomic
+from bayesprompt.runs import RunConfig, check_resume, load_model_class
 from bayesprompt.text_tower import TextBudget, causal_text_features, shared_prefix_features
 
 CLASSES = ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road",
@@ -200,7 +201,7 @@ def test_default_precision_follows_the_processor(monkeypatch) -> None:
 
 def test_a_run_resumes_with_other_memory_options(tmp_path) -> None:
     config = RunConfig(out=str(tmp_path)).resolved()
-    write_json_atomic(asdict(config), tmp_path / "config.json")
+    write_json(tmp_path / "config.json", asdict(config))
     check_resume(replace(config, prompt_chunk=8, text_memory_gb=1.5, grad_checkpointing=True),
                  tmp_path)
     with pytest.raises(UserError, match="other options.*seed"):
