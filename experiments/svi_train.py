@@ -59,8 +59,8 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
     parser.add_argument("--prior-scale", type=float, default=DEFAULTS.prior_scale,
                         help="scale of the N(0, s^2 I) prior of point-estimate contexts")
     parser.add_argument("--residual-scale", type=float,
-                        help="residual = s * r, r ~ N(0, I), in vpt models (default: the "
-                        "dataset's; reference: 1)")
+                        help="residual = s * r, r ~ N(0, I), in vpt models (default 0.02, a token "
+                        "embedding's scale; the reference: 1 with --objective paper)")
     parser.add_argument("--set", dest="options", action="append", default=[],
                         metavar="KEY=VALUE", help="a model file's own option (repeatable)")
     parser.add_argument("--eval-on", nargs="+", default=[], metavar="DATASET",

@@ -20,6 +20,14 @@ def test_defaults_are_the_offline_world() -> None:
     assert defaults.model == "vpt_cond" and defaults.batch_size == 16
 
 
+def test_real_datasets_default_to_the_elbo_with_a_token_scale_residual() -> None:
+    """The defaults docs/EVIDENCE.md chose; the reference's optimiser settings stay."""
+    eurosat = RunConfig(dataset="eurosat").resolved()
+    assert (eurosat.objective, eurosat.residual_scale, eurosat.kl_weight) == ("elbo", 0.02, 1.0)
+    assert (eurosat.batch_size, eurosat.lr, eurosat.num_particles, eurosat.epochs) == (
+        1, 0.002, 20, 60)
+
+
 def test_coop_gains_on_base_and_loses_on_new_classes(offline_root: Path, tmp_path: Path) -> None:
     """The world's defining property (docs/OFFLINE_WORLD.md), at one seed and the defaults."""
     zero_shot = run("zeroshot", "miniworld", offline_root, tmp_path)
