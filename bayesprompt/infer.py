@@ -317,81 +317,79 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     stepped = start_epoch > 0
     progress = tqdm(total=config.epochs * steps, initial=start_epoch * steps, desc="SVI",
                     unit="step", dynamic_ncols=True, disable=not distributed.is_main_process())
-    for epoch in range(start_epoch, config.epochs):
-        distributed.seed_rank_stream(config.seed, epoch)
-        for group in sgd.param_groups if sgd is not None else []:
-            group["lr"] = learning_rate(epoch, config)
-        order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        permutation = torch.randperm(dataset_size, generator=order)
-        view_of_image = torch.randint(views, (dataset_size,), generator=order)
-        total = 0.0
-        factor_totals: dict[str, torch.Tensor] = {}      # name -> sum of value * images
-        factor_images: dict[str, int] = {}                # name -> images of those steps
-        for step in range(steps):
-            index = permutation[step * config.batch_size:(step + 1) * config.batch_size]
-            local, share = distributed.shard(index)
-            batch = features[view_of_image[local], local]
-            for optimizer in optimizers:
-                optimizer.zero_grad()
-            try:
-                with FactorRecorder() as recorder:
-                    loss = share * objective(batch, labels[local], dataset_size)
-            except ValueError as error:  # a distribution refused the parameters
-                if not stepped:  # before any update: the model file's own fault
-                    raise
-                progress.close()
-                what = ("a distribution got invalid parameters: "
-                        f"{str(error).splitlines()[0]}")
-                raise _diverged(epoch, step, what, checkpoint, len(history.loss),
-                                config.lr) from None
-            loss.backward()
-            loss = distributed.all_reduce_gradients(parameters, loss)
-            value = loss.item()
-            reference = value if reference is None else reference
-            if not math.isfinite(value) or abs(value) > DIVERGENCE_FACTOR * max(abs(reference),
-                                                                                 1.0):
-                progress.close()
-                what = (f"the loss is {value:.4g} (non-finite, or more than "
-                        f"{DIVERGENCE_FACTOR:g} times the first step's)")
-                raise _diverged(epoch, step, what, checkpoint, len(history.loss), config.lr)
-            for optimizer in optimizers:
-                optimizer.step()
-            stepped = True
-            grown = set(pyro.get_param_store().keys()) - names
-            if grown:
-                progress.close()
-                raise UserError(
-                    f"The model created the parameters {sorted(grown)} after its first call, "
-                    "so the optimiser would never update them. Create every pyro.param and "
-                    "pyro.module in the first call of model and guide (on a batch of "
-                    f"{config.batch_size} images)."
-                )
-            total += value * len(index)
-            for name, factor in recorder.values.items():
-                factor_totals[name] = factor_totals.get(name, 0.0) + factor * len(local)
-                factor_images[name] = factor_images.get(name, 0) + len(local)
-            progress.update()
-            progress.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}")
-        if not _parameters_finite(parameters):
-            progress.close()
-            raise _diverged(epoch, steps - 1, "the parameters are no longer finite", checkpoint,
-                            len(history.loss), config.lr)
-        history.loss.append(total / dataset_size)
-        for name in sorted(factor_totals.keys() | history.factors.keys()):
-            curve = history.factors.setdefault(name, [None] * epoch)
-            curve.append(float(factor_totals[name] / factor_images[name])
-                         if name in factor_totals else None)
-        if checkpoint is not None and distributed.is_main_process():
-            cpu_rng, cuda_rng = _rng_state(features.device)
-            params = {name: value.detach().cpu()
-                      for name, value in pyro.get_param_store().get_state()["params"].items()}
-            save_torch(checkpoint, {
-                "epoch": epoch + 1, "history": asdict(history), "identity": identity,
-                "train_config": asdict(config), "param_store": params,
-                "optimizer": sgd.state_dict() if sgd is not None else None,
-                "group_optimizers": {k: o.state_dict() for k, o in groups.items()},
-                "rng": cpu_rng, "cuda_rng": cuda_rng, "reference_loss": reference})
-    progress.close()
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            distributed.seed_rank_stream(config.seed, epoch)
+            for group in sgd.param_groups if sgd is not None else []:
+                group["lr"] = learning_rate(epoch, config)
+            order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+            permutation = torch.randperm(dataset_size, generator=order)
+            view_of_image = torch.randint(views, (dataset_size,), generator=order)
+            total = 0.0
+            factor_totals: dict[str, torch.Tensor] = {}      # name -> sum of value * images
+            factor_images: dict[str, int] = {}                # name -> images of those steps
+            for step in range(steps):
+                index = permutation[step * config.batch_size:(step + 1) * config.batch_size]
+                local, share = distributed.shard(index)
+                batch = features[view_of_image[local], local]
+                for optimizer in optimizers:
+                    optimizer.zero_grad()
+                try:
+                    with FactorRecorder() as recorder:
+                        loss = share * objective(batch, labels[local], dataset_size)
+                except ValueError as error:  # a distribution refused the parameters
+                    if not stepped:  # before any update: the model file's own fault
+                        raise
+                    what = ("a distribution got invalid parameters: "
+                            f"{str(error).splitlines()[0]}")
+                    raise _diverged(epoch, step, what, checkpoint, len(history.loss),
+                                    config.lr) from None
+                loss.backward()
+                loss = distributed.all_reduce_gradients(parameters, loss)
+                value = loss.item()
+                reference = value if reference is None else reference
+                if not math.isfinite(value) or abs(value) > DIVERGENCE_FACTOR * max(abs(reference),
+                                                                                     1.0):
+                    what = (f"the loss is {value:.4g} (non-finite, or more than "
+                            f"{DIVERGENCE_FACTOR:g} times the first step's)")
+                    raise _diverged(epoch, step, what, checkpoint, len(history.loss), config.lr)
+                for optimizer in optimizers:
+                    optimizer.step()
+                stepped = True
+                grown = set(pyro.get_param_store().keys()) - names
+                if grown:
+                    raise UserError(
+                        f"The model created the parameters {sorted(grown)} after its first call, "
+                        "so the optimiser would never update them. Create every pyro.param and "
+                        "pyro.module in the first call of model and guide (on a batch of "
+                        f"{config.batch_size} images)."
+                    )
+                total += value * len(index)
+                for name, factor in recorder.values.items():
+                    factor_totals[name] = factor_totals.get(name, 0.0) + factor * len(local)
+                    factor_images[name] = factor_images.get(name, 0) + len(local)
+                progress.update()
+                progress.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}")
+            if not _parameters_finite(parameters):
+                raise _diverged(epoch, steps - 1, "the parameters are no longer finite", checkpoint,
+                                len(history.loss), config.lr)
+            history.loss.append(total / dataset_size)
+            for name in sorted(factor_totals.keys() | history.factors.keys()):
+                curve = history.factors.setdefault(name, [None] * epoch)
+                curve.append(float(factor_totals[name] / factor_images[name])
+                             if name in factor_totals else None)
+            if checkpoint is not None and distributed.is_main_process():
+                cpu_rng, cuda_rng = _rng_state(features.device)
+                params = {name: value.detach().cpu()
+                          for name, value in pyro.get_param_store().get_state()["params"].items()}
+                save_torch(checkpoint, {
+                    "epoch": epoch + 1, "history": asdict(history), "identity": identity,
+                    "train_config": asdict(config), "param_store": params,
+                    "optimizer": sgd.state_dict() if sgd is not None else None,
+                    "group_optimizers": {k: o.state_dict() for k, o in groups.items()},
+                    "rng": cpu_rng, "cuda_rng": cuda_rng, "reference_loss": reference})
+    finally:
+        progress.close()
     return history
 
 
