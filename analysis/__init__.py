@@ -4,11 +4,20 @@ Functions take plain arrays (numpy or torch): ``probs`` (S, N, C) per posterior 
 ``labels`` (N,), optional ``split`` (N,) strings, latent samples (S, ...).
 """
 
-from analysis.calibration import calibration_report
-from analysis.coverage import prompt_spread, template_coverage, template_distances
-from analysis.inference_data import load_inference_data, save_inference_data, to_inference_data
-from analysis.templates import IMAGENET_TEMPLATES
-from analysis.uncertainty import aurc, selective_risk, separation_auroc, uncertainty_decomposition
+from bayesprompt.analysis.calibration import calibration_report
+from bayesprompt.analysis.coverage import prompt_spread, template_coverage, template_distances
+from bayesprompt.analysis.inference_data import (
+    load_inference_data,
+    save_inference_data,
+    to_inference_data,
+)
+from bayesprompt.analysis.templates import IMAGENET_TEMPLATES
+from bayesprompt.analysis.uncertainty import (
+    aurc,
+    selective_risk,
+    separation_auroc,
+    uncertainty_decomposition,
+)
 
 __all__ = [
     "IMAGENET_TEMPLATES",

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from analysis._arrays import to_numpy
+from bayesprompt.analysis._arrays import to_numpy
 
 N_BINS = 15
 EPS = 1e-12

@@ -22,8 +22,8 @@ from typing import Any
 import arviz as az
 import numpy as np
 import xarray as xr
+from bayesprompt.analysis._arrays import to_numpy
 
-from analysis._arrays import to_numpy
 from bayesprompt.files import atomic_write
 
 ARVIZ_1 = int(az.__version__.split(".")[0]) >= 1

@@ -13,15 +13,15 @@ from typing import Any
 import arviz as az
 import matplotlib
 import numpy as np
+from bayesprompt.analysis._arrays import to_numpy
+from bayesprompt.analysis.inference_data import ARVIZ_1
+from bayesprompt.analysis.uncertainty import aurc, selective_risk
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.legend import Legend
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
-from analysis._arrays import to_numpy
-from analysis.inference_data import ARVIZ_1
-from analysis.uncertainty import aurc, selective_risk
 from bayesprompt.files import atomic_write
 
 DPI = 150

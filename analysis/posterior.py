@@ -31,10 +31,10 @@ from typing import Any
 
 import pyro
 import torch
+from bayesprompt.analysis.inference_data import to_inference_data
+from bayesprompt.analysis.templates import IMAGENET_TEMPLATES
 from tqdm.auto import tqdm
 
-from analysis.inference_data import to_inference_data
-from analysis.templates import IMAGENET_TEMPLATES
 from bayesprompt.clip import FrozenCLIP
 from bayesprompt.data.datasets import Dataset, load_dataset
 from bayesprompt.data.features import cached_features

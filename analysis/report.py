@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from analysis.calibration import calibration_report
-from analysis.coverage import prompt_spread, template_coverage, template_distances
-from analysis.inference_data import save_inference_data
-from analysis.plots import (
+from bayesprompt.analysis.calibration import calibration_report
+from bayesprompt.analysis.coverage import prompt_spread, template_coverage, template_distances
+from bayesprompt.analysis.inference_data import save_inference_data
+from bayesprompt.analysis.plots import (
     plot_feature_projection,
     plot_latent_forest,
     plot_latent_posterior,
@@ -24,8 +23,9 @@ from analysis.plots import (
     plot_selective_prediction,
     plot_uncertainty_histograms,
 )
-from analysis.posterior import RunPosterior, SplitSamples, template_features
-from analysis.uncertainty import aurc, separation_auroc, uncertainty_decomposition
+from bayesprompt.analysis.posterior import RunPosterior, SplitSamples, template_features
+from bayesprompt.analysis.uncertainty import aurc, separation_auroc, uncertainty_decomposition
+
 from bayesprompt.files import make_folder, write_json
 
 #: Credible level of the template-coverage region, and its PCA dimension.

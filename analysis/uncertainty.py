@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from bayesprompt.analysis._arrays import to_numpy
 from scipy.stats import rankdata
-
-from analysis._arrays import to_numpy
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:

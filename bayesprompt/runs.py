@@ -20,6 +20,7 @@ import numpy as np
 import pyro
 import torch
 
+import bayesprompt.models
 from bayesprompt import distributed
 from bayesprompt.clip import FrozenCLIP, load_clip
 from bayesprompt.data.datasets import Dataset, known_datasets, load_dataset
@@ -40,7 +41,8 @@ from bayesprompt.miniclip import cache_dir
 from bayesprompt.prompt_model import PromptConfig, PromptModel
 from bayesprompt.text_tower import TextBudget
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+#: The model files shipped with the package (`models/` of the source tree).
+MODELS_DIR = Path(bayesprompt.models.__file__).resolve().parent
 #: Options that change how fast and in how much memory a run goes, not its results: a run may
 #: be resumed with other values.
 EXECUTION_OPTIONS = ("prompt_chunk", "text_memory_gb", "grad_checkpointing")
@@ -206,7 +208,7 @@ def load_model_class(name: str) -> type[PromptModel]:
         _import_model_file(path, lambda: spec.loader.exec_module(module))
     elif (MODELS_DIR / f"{name}.py").is_file():
         module = _import_model_file(MODELS_DIR / f"{name}.py",
-                                    lambda: importlib.import_module(f"models.{name}"))
+                                    lambda: importlib.import_module(f"bayesprompt.models.{name}"))
     else:
         raise UserError(
             f"Unknown model '{name}'. Known models: {', '.join(known_models())}; or pass the "
@@ -291,8 +293,8 @@ def new_class_metrics(program: PromptModel, base_probs: torch.Tensor, new_probs:
     mutual information for telling new-class from base-class images (None for point-estimate
     models). Probabilities (S, N, C) of each split; see docs/ANALYSIS.md for the metrics."""
     # analysis/__init__ imports ArviZ (seconds); only this function needs the analysis package
-    from analysis.calibration import expected_calibration_error, negative_log_likelihood
-    from analysis.uncertainty import auroc, mutual_information
+    from bayesprompt.analysis.calibration import expected_calibration_error, negative_log_likelihood
+    from bayesprompt.analysis.uncertainty import auroc, mutual_information
 
     mean_probs = new_probs.double().mean(0)
     mi_auroc = None

@@ -1,43 +1,6 @@
-"""Posterior diagnostics of a trained run: samples, metrics and figures into RUN_DIR/analysis/.
+"""`bayesprompt-analyze`, the same program: bayesprompt/commands/analyze.py (`--help`)."""
 
-    python experiments/analyze.py runs/miniworld/vpt_cond/base_shots16_seed1 --num-samples 50 \
-        --domains miniworld_sketch
-
-Writes posterior_<split>.nc (ArviZ InferenceData), metrics.json and PNG figures; see
-docs/ANALYSIS.md for what they mean.
-"""
-
-from __future__ import annotations
-
-import argparse
-from pathlib import Path
-
-from analysis.posterior import posterior_samples
-from analysis.report import summary_lines, write_analysis
-from bayesprompt.cli import run_main
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, help="a run folder written by svi_train.py")
-    parser.add_argument("--num-samples", type=int,
-                        help="posterior samples S per test image (default: the run's "
-                        "eval_samples, so that accuracies equal results.json's)")
-    parser.add_argument("--seed", type=int,
-                        help="seed of the posterior draws (default: the run's eval_seed)")
-    parser.add_argument("--domains", nargs="*", default=[], metavar="DATASET",
-                        help="datasets with the run's classes under a domain shift, "
-                             "e.g. miniworld_sketch")
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the run's)")
-    parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis)")
-    args = parser.parse_args(argv)
-    posterior = posterior_samples(args.run_dir, args.num_samples, domains=args.domains,
-                                  device=args.device, seed=args.seed)
-    metrics = write_analysis(posterior, args.out)
-    print("\n".join(summary_lines(metrics)))
-    print(f"wrote {args.out or args.run_dir / 'analysis'}")
-
+from bayesprompt.commands.analyze import cli
 
 if __name__ == "__main__":
-    run_main(main)
+    cli()

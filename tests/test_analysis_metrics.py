@@ -5,24 +5,26 @@ import math
 import numpy as np
 import pytest
 import torch
-from torchmetrics.functional.classification import binary_auroc, multiclass_calibration_error
-
-from analysis.calibration import (
+from bayesprompt.analysis.calibration import (
     brier_score,
     calibration_report,
     expected_calibration_error,
     negative_log_likelihood,
     reliability_bins,
 )
-from analysis.coverage import (
+from bayesprompt.analysis.coverage import (
     credible_region_mask,
     prompt_spread,
     template_coverage,
     template_distances,
 )
-from analysis.inference_data import load_inference_data, save_inference_data, to_inference_data
-from analysis.templates import IMAGENET_TEMPLATES
-from analysis.uncertainty import (
+from bayesprompt.analysis.inference_data import (
+    load_inference_data,
+    save_inference_data,
+    to_inference_data,
+)
+from bayesprompt.analysis.templates import IMAGENET_TEMPLATES
+from bayesprompt.analysis.uncertainty import (
     aurc,
     auroc,
     mutual_information,
@@ -30,6 +32,7 @@ from analysis.uncertainty import (
     separation_auroc,
     uncertainty_decomposition,
 )
+from torchmetrics.functional.classification import binary_auroc, multiclass_calibration_error
 
 
 def two_class(confidences, predictions):

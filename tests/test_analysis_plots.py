@@ -1,11 +1,10 @@
 """Smoke tests: every plot function writes a PNG from small synthetic inputs."""
 
 import numpy as np
-
-from analysis import plots
-from analysis.calibration import calibration_report
-from analysis.inference_data import to_inference_data
-from analysis.uncertainty import uncertainty_decomposition
+from bayesprompt.analysis import plots
+from bayesprompt.analysis.calibration import calibration_report
+from bayesprompt.analysis.inference_data import to_inference_data
+from bayesprompt.analysis.uncertainty import uncertainty_decomposition
 
 
 def test_every_plot_writes_a_png(tmp_path):

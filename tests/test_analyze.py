@@ -11,16 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import xarray as xr
+from bayesprompt.analysis.inference_data import load_inference_data
+from bayesprompt.analysis.posterior import model_samples, posterior_samples
 from conftest import TINY_BACKBONE
 
-from analysis.inference_data import load_inference_data
-from analysis.posterior import model_samples, posterior_samples
+from bayesprompt.commands import analyze
 from bayesprompt.infer import batch_bounds
 from bayesprompt.runs import RunConfig, train_and_evaluate
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "experiments"))
-import analyze  # noqa: E402
 
 SPLIT_KEYS = {"n", "accuracy", "ece", "nll", "brier", "mean_uncertainty", "aurc", "coverage"}
 COVERAGE_KEYS = {"prompt_spread", "total_variance", "template_distance",

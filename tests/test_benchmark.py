@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import runpy
 import shutil
 import statistics
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_BACKBONE
 
+import bayesprompt.commands.benchmark
 from bayesprompt.cli import run_main
 from bayesprompt.data.offline_world import BENCHMARK_DEFAULTS
 from bayesprompt.errors import UserError
@@ -21,7 +21,7 @@ from bayesprompt.runs import harmonic_mean
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "benchmark.py"
-benchmark = runpy.run_path(str(SCRIPT))
+benchmark = vars(bayesprompt.commands.benchmark)
 
 
 def run_cli(args: list[str]) -> None:

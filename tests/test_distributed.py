@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import runpy
 import shutil
 import socket
 import subprocess
@@ -20,6 +19,7 @@ import torch.multiprocessing
 from conftest import TINY_BACKBONE
 from test_models import CLASSES, separable_features
 
+import bayesprompt.commands.train
 import bayesprompt.infer as infer
 from bayesprompt import distributed
 from bayesprompt.cli import run_main
@@ -212,7 +212,7 @@ def test_a_checkpoint_is_loaded_onto_the_device_of_the_run(tmp_path: Path) -> No
 def test_torchrun_resumes_a_run_to_the_one_process_result(run_args: list[str],
                                                           tmp_path: Path, monkeypatch) -> None:
     """Epoch 1 in one process, epochs 2-3 by `torchrun --nproc_per_node 2 ... --resume`."""
-    svi_train = runpy.run_path(str(SCRIPT))
+    svi_train = vars(bayesprompt.commands.train)
     args = [*run_args, "--model", "cocoop", "--subsample", "all", "--batch-size", "3",
             "--epochs", "3"]  # 40 images: shards of 2 and 1, and a last batch of one image
     run_main(svi_train["main"], [*args, "--out", str(tmp_path / "single")])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import runpy
 import shutil
 import stat
 import subprocess
@@ -22,11 +21,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from bayesprompt.analysis.inference_data import (
+    load_inference_data,
+    save_inference_data,
+    to_inference_data,
+)
 from conftest import TINY_BACKBONE
 from PIL import Image
 
+import bayesprompt.commands.analyze
+import bayesprompt.commands.train
 import bayesprompt.files as files
-from analysis.inference_data import load_inference_data, save_inference_data, to_inference_data
 from bayesprompt.cli import run_main
 from bayesprompt.clip import load_clip
 from bayesprompt.data.datasets import load_dataset
@@ -35,8 +40,8 @@ from bayesprompt.errors import UserError
 from bayesprompt.files import atomic_write, read_json, write_json
 
 REPO = Path(__file__).resolve().parent.parent
-svi_train = runpy.run_path(str(REPO / "experiments" / "svi_train.py"))
-analyze = runpy.run_path(str(REPO / "experiments" / "analyze.py"))
+svi_train = vars(bayesprompt.commands.train)
+analyze = vars(bayesprompt.commands.analyze)
 
 
 def mode(path: Path) -> int:

@@ -4,12 +4,12 @@ numbers, overwritten runs or tracebacks (the fault campaign of issue 10)."""
 from __future__ import annotations
 
 import json
-import runpy
 import shutil
 from pathlib import Path
 
 import pytest
 
+import bayesprompt.commands.train
 from bayesprompt.cli import run_main
 from bayesprompt.clip import load_clip
 from bayesprompt.data.datasets import load_dataset
@@ -17,7 +17,7 @@ from bayesprompt.data.splits import few_shot
 from bayesprompt.runs import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
-svi_train = runpy.run_path(str(REPO / "experiments" / "svi_train.py"))
+svi_train = vars(bayesprompt.commands.train)
 
 
 def run_cli(args: list[str]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import runpy
 import shutil
 import subprocess
 import sys
@@ -15,13 +14,14 @@ import pytest
 import torch
 from conftest import write_eurosat
 
+import bayesprompt.commands.train
 import bayesprompt.infer as infer
 from bayesprompt.cli import run_main
 from bayesprompt.runs import new_class_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "svi_train.py"
-svi_train = runpy.run_path(str(SCRIPT))
+svi_train = vars(bayesprompt.commands.train)
 
 
 def run_cli(args: list[str]) -> None:

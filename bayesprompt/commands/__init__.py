@@ -1,0 +1,1 @@
+"""The command-line programs, run by `experiments/*.py` and the `bayesprompt-*` scripts."""
