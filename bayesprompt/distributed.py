@@ -11,6 +11,7 @@ share of the batch, so the sum of the weighted gradients over ranks is the full-
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -193,3 +194,28 @@ def all_reduce_gradients(parameters: list[torch.Tensor], loss: torch.Tensor) -> 
     for p, grad, count in zip(parameters, summed, reached.tolist(), strict=True):
         p.grad = grad.view_as(p).clone() if count > 0 else None
     return total[0]
+
+
+#: The reductions of `reduce_named`, with the value a rank lacking a name contributes.
+_REDUCTIONS = {"sum": (dist.ReduceOp.SUM, 0.0), "min": (dist.ReduceOp.MIN, math.inf),
+               "max": (dist.ReduceOp.MAX, -math.inf)}
+
+
+@torch.no_grad()
+def reduce_named(values: dict[str, torch.Tensor], op: str) -> dict[str, torch.Tensor]:
+    """Named scalars reduced over ranks (`op`: "sum", "min" or "max"), for every name some
+    rank holds (a rank without it adds nothing to the reduction). One exchange of the names
+    and one all-reduce: call it on every rank, at the same point, rarely (log rows)."""
+    if world_size() == 1:
+        return values
+    reduce_op, missing = _REDUCTIONS[op]
+    held: list[list[str]] = [[] for _ in range(world_size())]
+    dist.all_gather_object(held, sorted(values))
+    names = sorted({name for rank_names in held for name in rank_names})
+    device = _collective_device()
+    flat = torch.tensor([missing] * len(names), dtype=torch.float64, device=device)
+    for position, name in enumerate(names):
+        if name in values:
+            flat[position] = values[name].to(device, torch.float64)
+    dist.all_reduce(flat, op=reduce_op)
+    return dict(zip(names, flat, strict=True))

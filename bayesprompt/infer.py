@@ -21,7 +21,6 @@ import pyro.util
 import torch
 from pyro import poutine
 from pyro.infer import Predictive, Trace_ELBO
-from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
@@ -29,6 +28,7 @@ from bayesprompt import distributed
 from bayesprompt.errors import UserError
 from bayesprompt.files import save_torch
 from bayesprompt.prompt_model import OptimizerGroup, PromptModel
+from bayesprompt.training_log import TrainingLog
 
 #: Weight of the KL term of the reference implementation's objective.
 PAPER_KL_WEIGHT = 1e-3
@@ -39,9 +39,6 @@ DIVERGENCE_FACTOR = 1e4
 #: Keys every checkpoint holds.
 CHECKPOINT_KEYS = ("epoch", "history", "identity", "train_config", "param_store", "optimizer",
                    "group_optimizers", "rng", "cuda_rng", "reference_loss")
-
-Objective = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-
 
 @dataclass
 class TrainConfig:
@@ -73,17 +70,63 @@ def is_factor_site(name: str, site: dict) -> bool:
     return site["type"] == "sample" and site["is_observed"] and name != "y"
 
 
-class FactorRecorder(Messenger):
-    """Records, for the model runs inside it, the mean (over particles and images) of every
-    factor term's unscaled value: `values[name]`, a detached scalar tensor."""
+@dataclass
+class ObjectiveTerms:
+    """What one evaluation of a per-image objective is made of (detached scalar tensors).
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.values: dict[str, torch.Tensor] = {}
+    `loss = nll + kl + sum(factors.values())` up to float rounding, each as it enters the loss:
+    `nll` the expected negative log-likelihood of the labels (the `y` site), `kl` the latent
+    sites' term (ELBO: the Monte Carlo estimate of E_q[log q - log p] with its scaling, for a
+    Delta guide -log prior; "paper": 0.001 * KL), `factors` each `pyro.factor` term.
+    `factor_means`: each factor's unscaled value, its mean over particles and images (the
+    factor history). `posterior_scale`: site -> (3,) mean, min and max of the guide's scale
+    (standard deviation) over particles, images and dimensions, for each non-Delta latent site.
+    """
 
-    def _postprocess_message(self, msg: dict) -> None:
-        if is_factor_site(msg["name"], msg):
-            self.values[msg["name"]] = msg["fn"].log_prob(msg["value"]).detach().mean()
+    nll: torch.Tensor
+    kl: torch.Tensor
+    factors: dict[str, torch.Tensor]
+    factor_means: dict[str, torch.Tensor]
+    posterior_scale: dict[str, torch.Tensor]
+
+
+class Objective:
+    """A per-image training objective: `objective(features (B, D), labels (B,), N)` is the
+    scalar loss of a batch from a dataset of N images; `terms` holds what the last call's loss
+    is made of, read from the traces that computed it (no further pass)."""
+
+    def __init__(self, evaluate: Callable[[torch.Tensor, torch.Tensor, int],
+                                          tuple[torch.Tensor, ObjectiveTerms]]) -> None:
+        self._evaluate = evaluate
+        self.terms: ObjectiveTerms | None = None
+
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor, dataset_size: int
+                 ) -> torch.Tensor:
+        loss, self.terms = self._evaluate(features, labels, dataset_size)
+        return loss
+
+
+def factor_means(model_trace: poutine.Trace) -> dict[str, torch.Tensor]:
+    """The mean (over particles and images) of every factor term's unscaled value."""
+    return {name: site["fn"].log_prob(site["value"]).detach().mean()
+            for name, site in model_trace.nodes.items() if is_factor_site(name, site)}
+
+
+def posterior_scales(program: PromptModel, guide_trace: poutine.Trace
+                     ) -> dict[str, torch.Tensor]:
+    """site -> (3,) mean, min, max of the guide distribution's standard deviation, for every
+    latent site whose guide is not a point (Delta) and has one."""
+    scales = {}
+    for name in program.latent_sites:
+        posterior = guide_trace.nodes[name]["fn"]
+        if isinstance(posterior, pyro.distributions.Delta):
+            continue
+        try:
+            scale = posterior.stddev.detach()
+        except NotImplementedError:
+            continue
+        scales[name] = torch.stack([scale.mean(), scale.min(), scale.max()])
+    return scales
 
 
 def particle_traces(program: PromptModel, num_particles: int, *args
@@ -95,19 +138,58 @@ def particle_traces(program: PromptModel, num_particles: int, *args
     return guide_trace, poutine.trace(model).get_trace(*args)
 
 
+class _TraceKeepingELBO(Trace_ELBO):
+    """Trace_ELBO that keeps the (model, guide) traces of its last estimate (one pair with
+    vectorized particles), with the log-probabilities it computed on them."""
+
+    traces: tuple[poutine.Trace, poutine.Trace] | None = None
+
+    def _get_traces(self, model, guide, args, kwargs):
+        for traces in super()._get_traces(model, guide, args, kwargs):
+            self.traces = traces
+            yield traces
+
+
+def elbo_terms(program: PromptModel, model_trace: poutine.Trace, guide_trace: poutine.Trace,
+               normaliser: float, device: torch.device) -> ObjectiveTerms:
+    """The negative ELBO's split, from Trace_ELBO's traces: every sample site's (scaled)
+    `log_prob_sum`, divided by `normaliser` (particles x N), as Trace_ELBO sums them."""
+    zero = torch.zeros((), device=device)
+    nll, kl, factors = zero, zero, {}
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        term = -site["log_prob_sum"].detach() / normaliser
+        if name == "y":
+            nll = nll + term
+        elif site["is_observed"]:
+            factors[name] = term
+        else:
+            kl = kl + term
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample":
+            kl = kl + site["log_prob_sum"].detach() / normaliser
+    return ObjectiveTerms(nll, kl, factors, factor_means(model_trace),
+                          posterior_scales(program, guide_trace))
+
+
 def elbo_objective(program: PromptModel, num_particles: int) -> Objective:
     """Negative ELBO per training image, by `Trace_ELBO` with vectorized particles.
 
     The KL weight enters through `poutine.scale` on the latent sites of the model file.
     """
-    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
-                      max_plate_nesting=1)
+    elbo = _TraceKeepingELBO(num_particles=num_particles, vectorize_particles=True,
+                             max_plate_nesting=1)
 
-    def loss(features: torch.Tensor, labels: torch.Tensor, dataset_size: int) -> torch.Tensor:
-        return elbo.differentiable_loss(program.model, program.guide, features, labels,
+    def evaluate(features: torch.Tensor, labels: torch.Tensor, dataset_size: int
+                 ) -> tuple[torch.Tensor, ObjectiveTerms]:
+        loss = elbo.differentiable_loss(program.model, program.guide, features, labels,
                                         dataset_size) / dataset_size
+        model_trace, guide_trace = elbo.traces
+        return loss, elbo_terms(program, model_trace, guide_trace, num_particles * dataset_size,
+                                features.device)
 
-    return loss
+    return Objective(evaluate)
 
 
 def paper_objective(program: PromptModel, num_particles: int) -> Objective:
@@ -119,12 +201,13 @@ def paper_objective(program: PromptModel, num_particles: int) -> Objective:
     mean over particles and images.
     """
 
-    def loss(features: torch.Tensor, labels: torch.Tensor, dataset_size: int) -> torch.Tensor:
+    def evaluate(features: torch.Tensor, labels: torch.Tensor, dataset_size: int
+                 ) -> tuple[torch.Tensor, ObjectiveTerms]:
         guide_trace, model_trace = particle_traces(program, num_particles, features, labels,
                                                    dataset_size)
         y = model_trace.nodes["y"]
         log_lik = y["fn"].log_prob(y["value"])                           # (L, B)
-        nll = -(torch.logsumexp(log_lik, dim=0) - math.log(num_particles))
+        nll = -(torch.logsumexp(log_lik, dim=0) - math.log(num_particles)).mean()
         kl = torch.zeros((), device=features.device)
         for name in program.latent_sites:
             posterior = guide_trace.nodes[name]["fn"]
@@ -132,12 +215,16 @@ def paper_objective(program: PromptModel, num_particles: int) -> Objective:
                 continue
             prior = model_trace.nodes[name]["fn"]
             kl = kl + (kl_divergence(posterior, prior) / posterior.event_shape.numel()).mean()
-        factors = sum((-site["fn"].log_prob(site["value"]).mean()
-                       for name, site in model_trace.nodes.items() if is_factor_site(name, site)),
-                      torch.zeros((), device=features.device))
-        return nll.mean() + PAPER_KL_WEIGHT * kl + factors
+        factors = {name: -site["fn"].log_prob(site["value"]).mean()
+                   for name, site in model_trace.nodes.items() if is_factor_site(name, site)}
+        loss = nll + PAPER_KL_WEIGHT * kl + sum(factors.values(),
+                                                torch.zeros((), device=features.device))
+        terms = ObjectiveTerms(nll.detach(), PAPER_KL_WEIGHT * kl.detach(),
+                               {name: term.detach() for name, term in factors.items()},
+                               factor_means(model_trace), posterior_scales(program, guide_trace))
+        return loss, terms
 
-    return loss
+    return Objective(evaluate)
 
 
 def make_objective(program: PromptModel, config: TrainConfig) -> Objective:
@@ -266,9 +353,16 @@ def group_optimizers(named: dict[str, torch.nn.Parameter], groups: tuple[Optimiz
     return sgd, optimizers
 
 
+def _learning_rates(sgd: torch.optim.Optimizer | None, groups: dict[str, torch.optim.Optimizer]
+                    ) -> tuple[float | None, dict[str, float]]:
+    """The reference SGD's learning rate (None without one) and each group's."""
+    return (sgd.param_groups[0]["lr"] if sgd is not None else None,
+            {prefix: optimizer.param_groups[0]["lr"] for prefix, optimizer in groups.items()})
+
+
 def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
           config: TrainConfig, checkpoint: Path | None = None, identity: dict | None = None,
-          resume: bool = False) -> TrainHistory:
+          resume: bool = False, log: TrainingLog | None = None) -> TrainHistory:
     """SVI on cached features (V views, N images, D) with labels (N,); returns the curves.
 
     Parameters of the model's `optimizer_groups` get their own optimiser at a constant rate;
@@ -282,6 +376,8 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     gradients are summed over ranks before the step; rank 0 alone writes the checkpoint. The
     divergence check reads the loss summed over ranks, so every rank stops at the same step.
     The factor history is each rank's own (rank 0's is the one written).
+    `log` receives every step's loss and terms (`Objective.terms`) and writes its rows
+    (metrics.jsonl: every `log.log_every` steps and after each epoch, before the checkpoint).
     """
     views, dataset_size, _ = features.shape
     identity = identity or {}
@@ -314,6 +410,8 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     optimizers = [o for o in (sgd, *groups.values()) if o is not None]
 
     steps = math.ceil(dataset_size / config.batch_size)
+    if log is not None:
+        log.start(start_epoch, steps, dataset_size)
     stepped = start_epoch > 0
     progress = tqdm(total=config.epochs * steps, initial=start_epoch * steps, desc="SVI",
                     unit="step", dynamic_ncols=True, disable=not distributed.is_main_process())
@@ -335,8 +433,8 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
                 for optimizer in optimizers:
                     optimizer.zero_grad()
                 try:
-                    with FactorRecorder() as recorder:
-                        loss = share * objective(batch, labels[local], dataset_size)
+                    batch_loss = objective(batch, labels[local], dataset_size)
+                    loss = share * batch_loss
                 except ValueError as error:  # a distribution refused the parameters
                     if not stepped:  # before any update: the model file's own fault
                         raise
@@ -365,9 +463,13 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
                         f"{config.batch_size} images)."
                     )
                 total += value * len(index)
-                for name, factor in recorder.values.items():
+                for name, factor in objective.terms.factor_means.items():
                     factor_totals[name] = factor_totals.get(name, 0.0) + factor * len(local)
                     factor_images[name] = factor_images.get(name, 0) + len(local)
+                if log is not None:
+                    log.add(batch_loss, objective.terms, share, len(index))
+                    if log.step_row_due():
+                        log.write("step", epoch + 1, *_learning_rates(sgd, groups))
                 progress.update()
                 progress.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}")
             if not _parameters_finite(parameters):
@@ -378,6 +480,8 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
                 curve = history.factors.setdefault(name, [None] * epoch)
                 curve.append(float(factor_totals[name] / factor_images[name])
                              if name in factor_totals else None)
+            if log is not None:
+                log.write("epoch", epoch + 1, *_learning_rates(sgd, groups))
             if checkpoint is not None and distributed.is_main_process():
                 cpu_rng, cuda_rng = _rng_state(features.device)
                 params = {name: value.detach().cpu()
@@ -390,6 +494,8 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
                     "rng": cpu_rng, "cuda_rng": cuda_rng, "reference_loss": reference})
     finally:
         progress.close()
+        if log is not None:
+            log.close()
     return history
 
 

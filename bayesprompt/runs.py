@@ -2,8 +2,10 @@
 
 A run folder holds `config.json` (every resolved option), `fewshot.json` (the exact few-shot
 train and val lists), `checkpoint.pt` (param store, optimiser and RNG states, written
-atomically after every epoch) and `results.json`. Under torchrun, rank 0 alone writes them
-(and the data and feature caches, before the other ranks read them) and evaluates.
+atomically after every epoch), `metrics.jsonl` (training curves, `training_log.py`),
+`loss_curve.png`, `tensorboard/` (with --tensorboard) and `results.json`. Under torchrun,
+rank 0 alone writes them (and the data and feature caches, before the other ranks read them)
+and evaluates.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ from bayesprompt.infer import (
 from bayesprompt.miniclip import cache_dir
 from bayesprompt.prompt_model import PromptConfig, PromptModel
 from bayesprompt.text_tower import TextBudget
+from bayesprompt.training_log import TrainingLog, check_tensorboard, write_loss_curve
 
 #: The model files shipped with the package (`models/` of the source tree).
 MODELS_DIR = Path(bayesprompt.models.__file__).resolve().parent
 #: Options that change how fast and in how much memory a run goes, not its results: a run may
 #: be resumed with other values.
-EXECUTION_OPTIONS = ("prompt_chunk", "text_memory_gb", "grad_checkpointing")
+EXECUTION_OPTIONS = ("prompt_chunk", "text_memory_gb", "grad_checkpointing", "log_every",
+                     "tensorboard")
 
 @dataclass(frozen=True)
 class DatasetDefaults:
@@ -117,6 +121,8 @@ class RunConfig:
     prompt_chunk: int | None = None
     text_memory_gb: float | None = None
     grad_checkpointing: bool = False
+    log_every: int = 50
+    tensorboard: bool = False
     eval_on: list[str] = field(default_factory=list)
     cache_dir: str = str(cache_dir())
     out: str | None = None
@@ -176,6 +182,8 @@ def check_numbers(config: RunConfig) -> None:
         ("--num-particles", config.num_particles, config.num_particles >= 1, "1 or more"),
         ("--eval-samples", config.eval_samples, config.eval_samples >= 1, "1 or more"),
         ("--eval-batch-size", config.eval_batch_size, config.eval_batch_size >= 1, "1 or more"),
+        ("--log-every", config.log_every, config.log_every >= 0,
+         "0 (a row per epoch only) or more"),
         ("--lr", config.lr, finite(config.lr) and config.lr > 0, "a positive finite number"),
         ("--views", config.views, config.views >= 0, "0 (no augmentation) or more"),
         ("--n-ctx", config.n_ctx, config.n_ctx >= 1, "1 or more"),
@@ -349,6 +357,8 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
         )
     if resume:
         check_resume(config, out)
+    if config.tensorboard:
+        check_tensorboard()
     root = Path(config.root).expanduser()
     with distributed.main_process_first():
         transfer_sets = {name: load_dataset(name, root) for name in config.eval_on}
@@ -371,7 +381,8 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
     started = time.perf_counter()
     try:
         history = train(program, features, labels, train_config, checkpoint,
-                        run_identity(config, clip, base.classnames), resume)
+                        run_identity(config, clip, base.classnames), resume,
+                        TrainingLog(out, config.log_every, config.tensorboard))
     except KeyboardInterrupt:
         raise RunInterrupted(
             f"Interrupted. The run folder {out} keeps the last finished epoch; run the same "
@@ -380,6 +391,7 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
     train_seconds = time.perf_counter() - started
     if not distributed.is_main_process():
         return None
+    write_loss_curve(out)
 
     shared: dict[str, torch.Tensor] = {}
     base_acc, base_probs, _ = evaluate(program, clip, base, config, shared)

@@ -82,6 +82,11 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute each text-tower layer in the backward pass (less memory, "
                         "more time)")
+    parser.add_argument("--log-every", type=int, default=DEFAULTS.log_every,
+                        help="a metrics.jsonl row every N SVI steps (0: one per epoch only)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard events into RUN/tensorboard (needs the "
+                        "tensorboard package)")
     parser.add_argument("--cache-dir", default=DEFAULTS.cache_dir,
                         help="feature and few-shot cache")
     parser.add_argument("--out", help="run folder (default: runs/DATASET/MODEL/...)")
