@@ -7,9 +7,19 @@
 and the other light modules load without torch, Pyro and open_clip.
 """
 
+from pathlib import Path
+
 from bayesprompt.errors import UserError
 
 __all__ = ["Run", "UserError", "fit"]
+
+# Installed, models/ and analysis/ are bayesprompt/models and bayesprompt/analysis. Imported
+# from a source checkout (the repository root on sys.path: `python -m pytest`, a notebook
+# started there), they sit next to this folder: look for subpackages there too.
+_SOURCE_TREE = Path(__file__).resolve().parent.parent
+if not (Path(__file__).parent / "models").is_dir() and \
+        (_SOURCE_TREE / "models" / "__init__.py").is_file():
+    __path__.append(str(_SOURCE_TREE))
 
 
 def __getattr__(name: str) -> object:
