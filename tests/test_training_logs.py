@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyro
 import pytest
 import torch
 from test_models import CLASSES, separable_features
@@ -33,7 +32,6 @@ def without_seconds(rows: list[dict]) -> list[dict]:
 @pytest.mark.parametrize("objective", ["elbo", "paper"])
 @pytest.mark.parametrize("model", ["vpt", "vpt_cond", "coop", "e2mim"])
 def test_the_terms_add_up_to_the_loss_of_the_step(model, objective, tiny_clip) -> None:
-    pyro.clear_param_store()
     torch.manual_seed(0)
     program = load_model_class(model)(tiny_clip, CLASSES, PromptConfig())
     features, labels = separable_features(tiny_clip, per_class=2)
@@ -46,12 +44,12 @@ def test_the_terms_add_up_to_the_loss_of_the_step(model, objective, tiny_clip) -
     assert set(terms.factors) == ({"mi", "mixup"} if model == "e2mim" else set())
     assert set(terms.posterior_scale) == ({"r"} if model.startswith("vpt") else set())
     if model == "vpt":  # the guide's scale exp(0.5 r_log_var), the same for every particle
-        scale = torch.exp(0.5 * pyro.param("r_log_var")).detach()
+        scale = torch.exp(0.5 * program.learned_parameters()["r_log_var"]).detach()
         torch.testing.assert_close(terms.posterior_scale["r"],
                                    torch.stack([scale.mean(), scale.min(), scale.max()]))
     if model == "coop":  # the MAP regulariser -log p(ctx) / N, or no KL term in "paper"
         prior = isotropic_normal(torch.zeros_like(program.init_ctx), 1.0, 2)
-        expected = -prior.log_prob(pyro.param("ctx_map")).detach() / 50
+        expected = -prior.log_prob(program.learned_parameters()["ctx_map"]).detach() / 50
         torch.testing.assert_close(terms.kl, expected if objective == "elbo"
                                    else torch.zeros(()))
 
