@@ -28,6 +28,7 @@ from bayesprompt.errors import UserError
 from bayesprompt.infer import TrainConfig, train
 from bayesprompt.prompt_model import PromptConfig
 from bayesprompt.runs import load_model_class
+from bayesprompt.training_log import METRICS_FILE, TrainingLog, read_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "svi_train.py"
@@ -51,12 +52,16 @@ def two_view_features(clip) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_model(name: str, clip, config: TrainConfig, checkpoint: Path | None = None,
-                resume: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Loss history and the param store's parameters after training a fresh `name`."""
+                resume: bool = False, log_folder: Path | None = None
+                ) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Loss history and the param store's parameters after training a fresh `name`; with
+    `log_folder`, its metrics.jsonl (a row every 2 steps) there."""
     torch.manual_seed(0)
     program = load_model_class(name)(clip, CLASSES, PromptConfig())
     features, labels = two_view_features(clip)
-    history = train(program, features, labels, config, checkpoint, {"model": name}, resume).loss
+    log = TrainingLog(log_folder, log_every=2) if log_folder is not None else None
+    history = train(program, features, labels, config, checkpoint, {"model": name}, resume,
+                    log).loss
     return history, program.state_dict()
 
 
@@ -86,7 +91,7 @@ def train_on_rank(rank: int, port: int, folder: str) -> None:
         except UserError as error:
             results["refused"] = str(error)
         for name in (*DETERMINISTIC, "vpt_cond"):
-            results[name] = train_model(name, clip, CONFIG)
+            results[name] = train_model(name, clip, CONFIG, log_folder=Path(folder) / name)
 
         three_epochs = dataclasses.replace(CONFIG, epochs=3)
         results["vpt"] = train_model("vpt", clip, three_epochs, Path(folder) / "a.pt")
@@ -105,10 +110,14 @@ def train_on_rank(rank: int, port: int, folder: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """What each of 2 gloo processes trained, by scenario: (loss history, parameters)."""
+    """What each of 2 gloo processes trained, by scenario: (loss history, parameters), and
+    rank 0's metrics.jsonl rows under "rows"."""
     folder = tmp_path_factory.mktemp("ranks")
     torch.multiprocessing.spawn(train_on_rank, args=(free_port(), str(folder)), nprocs=2)
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks[0]["rows"] = {name: read_rows(folder / name / METRICS_FILE)
+                        for name in (*DETERMINISTIC, "vpt_cond")}
+    return ranks
 
 
 def test_an_error_of_rank_0_stops_the_others_with_a_message(two_ranks: list[dict]) -> None:
@@ -118,7 +127,7 @@ def test_an_error_of_rank_0_stops_the_others_with_a_message(two_ranks: list[dict
 
 def test_ranks_hold_identical_parameters(two_ranks: list[dict]) -> None:
     first, second = two_ranks
-    assert set(first) == {*DETERMINISTIC, "vpt_cond", "vpt", "vpt resumed", "refused"}
+    assert set(first) == {*DETERMINISTIC, "vpt_cond", "vpt", "vpt resumed", "refused", "rows"}
     for scenario in DETERMINISTIC + ("vpt_cond", "vpt", "vpt resumed"):
         assert first[scenario][0] == second[scenario][0]  # the all-reduced loss history
         assert first[scenario][1].keys() == second[scenario][1].keys()
@@ -127,8 +136,17 @@ def test_ranks_hold_identical_parameters(two_ranks: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
-def test_two_ranks_equal_one_process(name: str, two_ranks: list[dict], tiny_clip) -> None:
-    history, parameters = train_model(name, tiny_clip, CONFIG)
+def test_two_ranks_equal_one_process(name: str, two_ranks: list[dict], tiny_clip,
+                                     tmp_path: Path) -> None:
+    history, parameters = train_model(name, tiny_clip, CONFIG, log_folder=tmp_path)
+    rows, distributed_rows = read_rows(tmp_path / METRICS_FILE), two_ranks[0]["rows"][name]
+    assert [(r["kind"], r["step"], r["images"], r["lr"]) for r in distributed_rows] == \
+        [(r["kind"], r["step"], r["images"], r["lr"]) for r in rows]
+    for row, distributed_row in zip(rows, distributed_rows, strict=True):
+        for key in ("loss", "nll", "kl"):
+            assert distributed_row[key] == pytest.approx(row[key], abs=1e-5), key
+    scale = two_ranks[0]["rows"]["vpt_cond"][-1]["posterior_scale"]["r"]  # min/max reduced
+    assert 0 < scale["min"] <= scale["mean"] <= scale["max"]
     distributed_history, distributed_parameters = two_ranks[0][name]
     assert distributed_history == pytest.approx(history, abs=1e-5)
     assert parameters.keys() == distributed_parameters.keys()
