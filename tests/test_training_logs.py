@@ -54,11 +54,34 @@ def test_the_terms_add_up_to_the_loss_of_the_step(model, objective, tiny_clip) -
                                    else torch.zeros(()))
 
 
+def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> (step, value) of every scalar event TensorBoard reads from RUN/tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def assert_events_hold_the_rows(run: Path, rows: list[dict]) -> None:
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for tag, value in training_log.scalar_tags(row).items():
+            expected.setdefault(tag, []).append((row["step"], value))
+    logged = tensorboard_scalars(run)
+    assert logged.keys() == expected.keys()
+    for tag, points in expected.items():
+        assert [step for step, _ in logged[tag]] == [step for step, _ in points], tag
+        assert [value for _, value in logged[tag]] == pytest.approx(
+            [value for _, value in points], rel=1e-6), tag
+
+
 def test_an_interrupted_run_resumes_to_the_same_metrics(run_args: list[str], tmp_path: Path,
                                                         monkeypatch) -> None:
     # 20 images in batches of 4: 5 steps an epoch; a step row every 2 steps, so step rows
     # start after epoch rows and an epoch's last step is in its epoch row only
-    args = [*run_args, "--model", "vpt", "--epochs", "3", "--log-every", "2"]
+    args = [*run_args, "--model", "vpt", "--epochs", "3", "--log-every", "2", "--tensorboard"]
     run_cli([*args, "--out", str(tmp_path / "full")])
     full = rows_of(tmp_path / "full")
     results = json.loads((tmp_path / "full/results.json").read_text())
@@ -92,13 +115,12 @@ def test_an_interrupted_run_resumes_to_the_same_metrics(run_args: list[str], tmp
     run_cli([*args, "--resume"])
     resumed = rows_of(tmp_path / "run")
     assert without_seconds(resumed) == without_seconds(full)
+    assert_events_hold_the_rows(tmp_path / "run", resumed)  # epoch 2's first events purged
     assert resumed[3]["seconds"] >= resumed[2]["seconds"]  # the count continues
     assert (tmp_path / "run/loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_tensorboard_events_hold_the_rows(run_args: list[str], tmp_path: Path) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     run_cli([*run_args, "--model", "e2mim", "--log-every", "1", "--tensorboard"])
     rows = rows_of(tmp_path / "run")
     results = json.loads((tmp_path / "run/results.json").read_text())
@@ -119,15 +141,10 @@ def test_tensorboard_events_hold_the_rows(run_args: list[str], tmp_path: Path) -
         assert row["group_lr"] == {"critic": E2MIMOptions().critic_lr}
         assert row["posterior_scale"] == {}
 
-    events = EventAccumulator(str(tmp_path / "run/tensorboard"))
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
     assert {"step/loss", "step/nll", "step/kl", "step/factors/mi", "step/factors/mixup",
-            "step/lr", "step/lr/critic", "epoch/loss", "epoch/factors/mi"} <= tags
-    for row in rows:
-        for tag, value in training_log.scalar_tags(row).items():
-            logged = {event.step: event.value for event in events.Scalars(tag)}
-            assert logged[row["step"]] == pytest.approx(value, rel=1e-6)
+            "step/lr", "step/lr/critic", "epoch/loss", "epoch/factors/mi"} <= \
+        tensorboard_scalars(tmp_path / "run").keys()
+    assert_events_hold_the_rows(tmp_path / "run", rows)
 
 
 def test_tensorboard_without_the_package_says_how_to_install_it(run_args: list[str],
