@@ -407,15 +407,22 @@ def plot_loss_curve(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) 
         ax.set_visible(False)
     colours = matplotlib.colormaps["tab10"]
 
+    has_epochs = bool((kinds == "epoch").any())
+    padding = 0.03 * max(float(x.max() - x.min()), 1e-9)
+
     def curve(ax: Any, values: Sequence[float | None], colour: Any, label: str | None,
               drawstyle: str = "default") -> None:
+        """Step rows faint, epoch rows bold; per epoch constant values (drawn as steps) from
+        epoch rows alone when there are any."""
         values = np.array([np.nan if v is None else v for v in values], dtype=float)
         for kind, style in (("step", {"alpha": 0.35, "lw": 0.9}),
                             ("epoch", {"lw": 1.8, "marker": "o", "ms": 3})):
             chosen = kinds == kind
+            if kind == "step" and drawstyle == "steps-mid" and has_epochs:
+                continue
             if chosen.any():
                 ax.plot(x[chosen], values[chosen], color=colour, drawstyle=drawstyle,
-                        label=label if kind == "epoch" or not (kinds == "epoch").any() else None,
+                        label=label if kind == "epoch" or not has_epochs else None,
                         **style)
 
     titles = {"loss": "loss (objective per image)", "nll": "expected NLL of the labels",
@@ -451,6 +458,7 @@ def plot_loss_curve(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) 
             for k, name in enumerate(factor_names):
                 curve(ax, [row["factors"].get(name) for row in rows], colours(k), name)
             ax.legend(fontsize=7)
+        ax.set_xlim(x.min() - padding, x.max() + padding)  # the same range in every panel
         ax.set_title(titles[panel], fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=7)

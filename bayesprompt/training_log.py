@@ -13,6 +13,7 @@ the epoch (epoch rows), each step weighted by its images:
     kl                the latent sites' term as it enters the loss (ELBO: E_q[log q - log p],
                       -log prior for a point estimate; --objective paper: 0.001 * KL)
     factors           {name: term} of each `pyro.factor` of the model, as it enters the loss
+                      (0 in steps where the model did not add it)
     lr                the learning rate of the reference SGD (None if it holds no parameter)
     group_lr          {prefix: learning rate} of each optimizer group (e.g. E2MIM's critic)
     posterior_scale   {site: {mean, min, max}} of the guide's standard deviation over the
@@ -110,11 +111,12 @@ def row_from_summary(summary: dict[str, float]) -> dict[str, Any]:
     row: dict[str, Any] = {"loss": summary["loss"], "nll": summary["nll"], "kl": summary["kl"],
                            "factors": {}, "posterior_scale": {}}
     for name, value in sorted(summary.items()):
-        parts = name.split("/")
-        if parts[0] == "factors":
-            row["factors"][parts[1]] = value
-        elif parts[0] == "posterior_scale":
-            row["posterior_scale"].setdefault(parts[1], {})[parts[2]] = value
+        group, _, rest = name.partition("/")
+        if group == "factors":
+            row["factors"][rest] = value
+        elif group == "posterior_scale":
+            site, statistic = rest.rsplit("/", 1)
+            row["posterior_scale"].setdefault(site, {})[statistic] = value
     for site, statistics in row["posterior_scale"].items():
         row["posterior_scale"][site] = {k: statistics[k] for k in SCALE_STATISTICS}
     return row

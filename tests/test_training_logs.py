@@ -164,3 +164,18 @@ def test_log_every_must_not_be_negative(run_args: list[str], capsys) -> None:
         run_cli([*run_args, "--log-every", "-1"])
     assert exit_info.value.code == 2
     assert "--log-every must be 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kinds", [("step",) * 3, ("epoch",) * 3])
+def test_the_loss_curve_of_one_kind_of_row(kinds, tmp_path: Path) -> None:
+    # step rows only: a crash in the first epoch; epoch rows only: --log-every 0
+    rows = [{"kind": kind, "epoch": 1 + i * (kind == "epoch"), "step": 2 * (i + 1),
+             "images": 8 * (i + 1), "loss": 2.0 - i, "nll": 1.5 - i, "kl": 0.5, "factors": {},
+             "lr": 0.01, "group_lr": {}, "posterior_scale": {"r": {"mean": 1, "min": 0.5,
+                                                                  "max": 2}}}
+            for i, kind in enumerate(kinds)]
+    (tmp_path / training_log.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert training_log.write_loss_curve(tmp_path) == tmp_path / training_log.LOSS_CURVE_FILE
+    assert (tmp_path / training_log.LOSS_CURVE_FILE).read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / training_log.METRICS_FILE).write_text("")
+    assert training_log.write_loss_curve(tmp_path) is None  # no rows, no curve
