@@ -15,7 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
 
-from bayesprompt.errors import RunInterrupted, UserError
+from bayesprompt.errors import RunInterrupted, RunsFailed, UserError
 from bayesprompt.files import read_json
 
 #: The exit code of a process stopped by Ctrl-C (128 + SIGINT).
@@ -57,13 +57,16 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run `main`; a UserError (or bad arguments) prints one paragraph and exits with 2, Ctrl-C
-    prints one line and exits with 130."""
+    """Run `main`; a UserError (or bad arguments) prints one paragraph and exits with 2, failed
+    runs of a sweep exit with 1, Ctrl-C prints one line and exits with 130."""
     try:
         main(argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except RunsFailed as failed:
+        print(failed, file=sys.stderr)
+        sys.exit(1)
     except RunInterrupted as interrupted:
         print(interrupted, file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT_CODE)
