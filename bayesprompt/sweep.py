@@ -82,7 +82,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--partition", help="slurm: the partition (required with --executor "
                        "slurm)")
     group.add_argument("--gpus-per-job", type=int, default=1, help="slurm: GPUs of each run "
-                       "(default: 1; 0 for CPU runs)")
+                       "(default: 1, and --device then defaults to cuda; 0 for CPU runs)")
     group.add_argument("--cpus-per-job", type=int, help="slurm: CPU cores of each run (sets "
                        "its threads; default: the partition's)")
     group.add_argument("--mem-gb", type=float, help="slurm: memory of each run in GB "
@@ -268,7 +268,7 @@ def submit_slurm(todo: list[Outcome], folder: Path, options: SweepOptions,
             f"{len(waiting)} of the unfinished runs are still queued or running in SLURM job "
             f"{', '.join(job_ids)} (squeue -j {','.join(job_ids)}). Run this command again when "
             "they have finished; it then reuses their run folders and writes the table.")
-    executor = submitit.SlurmExecutor(folder=folder / "%j")
+    executor = submitit.SlurmExecutor(folder=folder)
     parameters = {"partition": options.partition, "time": options.time_min,
                   "gpus_per_node": options.gpus_per_job, "ntasks_per_node": 1,
                   "array_parallelism": options.array_parallelism or len(todo),
@@ -277,7 +277,7 @@ def submit_slurm(todo: list[Outcome], folder: Path, options: SweepOptions,
         parameters["cpus_per_task"] = options.cpus_per_job
         parameters["setup"] = [f"export OMP_NUM_THREADS={options.cpus_per_job}"]
     if options.mem_gb:
-        parameters["mem"] = f"{options.mem_gb}GB"
+        parameters["mem"] = f"{options.mem_gb:g}GB"
     executor.update_parameters(**parameters)
     try:
         with executor.batch():
@@ -290,7 +290,8 @@ def submit_slurm(todo: list[Outcome], folder: Path, options: SweepOptions,
     write_json(folder / SLURM_RECORD, records)
     say(f"Submitted {len(todo)} runs as SLURM job array {job_id} (partition "
         f"{options.partition}, at most {parameters['array_parallelism']} at once). Logs: "
-        f"{folder / job_id}_<task>_0_log.out and .err; squeue -j {job_id} shows the queue. "
+        f"{folder / job_id}_TASK_0_log.out and .err, TASK = 0..{len(todo) - 1} in the order "
+        f"of the runs; squeue -j {job_id} shows the queue. "
         "When the jobs have finished, run this same command again: it reuses their run "
         "folders, resubmits failed or cut-off runs (they resume from their checkpoints) and "
         "writes the table.")

@@ -45,6 +45,7 @@ from bayesprompt.analysis.plots import plot_grouped_bars
 from bayesprompt.cli import (
     LIST_SEPARATOR,
     add_common_arguments,
+    default_device,
     default_precision,
     parse_field_value,
     parse_options,
@@ -359,7 +360,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="benchmark folder (default: runs/benchmark/PROTOCOL)")
     add_common_arguments(parser)
     add_sweep_arguments(parser)
-    return parser.parse_args(argv)
+    parser.set_defaults(device=None)
+    arguments = parser.parse_args(argv)
+    if arguments.device is None:  # a SLURM job's GPU is not visible where it is submitted
+        on_gpus = arguments.executor == "slurm" and arguments.gpus_per_job > 0
+        arguments.device = "cuda" if on_gpus else default_device()
+    return arguments
 
 
 def say(message: str) -> None:
