@@ -91,8 +91,7 @@ def exit_message(args: list[str], capsys) -> str:
     return err
 
 
-def test_a_saved_run_is_re_run_from_its_config(run_args: list[str], tmp_path: Path,
-                                               capsys) -> None:
+def test_a_saved_run_is_re_run_from_its_config(run_args: list[str], tmp_path: Path) -> None:
     run_main(svi_train["main"], [*run_args, "--model", "vpt", "--eval-samples", "5"])
     first = tmp_path / "run"
     config_file = first / "config.json"

@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_BACKBONE
 
 import bayesprompt.commands.benchmark
+import bayesprompt.sweep
 from bayesprompt.cli import run_main
 
 benchmark = vars(bayesprompt.commands.benchmark)
@@ -64,10 +66,17 @@ def entries(folder: Path) -> list[dict]:
     return [{k: v for k, v in entry.items() if k != "train_seconds"} for entry in table]
 
 
-def test_local_processes_give_the_sequential_table(tiny: list[str], tmp_path: Path) -> None:
+def test_local_processes_give_the_sequential_table(tiny: list[str], tmp_path: Path,
+                                                   monkeypatch) -> None:
     args = ["--protocol", "base2new", "--datasets", "eurosat", "--models", "coop", "vpt",
             "--seeds", "1", "2", *tiny]
-    assert run_cli([*args, "--executor", "none", "--out", str(tmp_path / "none")]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the 2 local workers on "2 cores" below
+    try:
+        assert run_cli([*args, "--executor", "none", "--out", str(tmp_path / "none")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(bayesprompt.sweep, "cpu_cores", lambda: 2)
     assert run_cli([*args, "--executor", "local", "--workers", "2",
                     "--out", str(tmp_path / "local")]) == 0
     assert entries(tmp_path / "local") == entries(tmp_path / "none")  # exactly, every float

@@ -16,13 +16,25 @@ Protocols (the layouts of CoOp, CoCoOp and Bayesian Prompt Learning):
   cross_dataset          --datasets SOURCE TARGET...: train on all classes of the source, test
                          on each target: source, targets and the average over the targets.
   domain_generalization  --datasets SOURCE VARIANT...: the same on the source's domain variants.
+  grid                   --grid KEY=V1,V2... (repeatable): every combination of the axes, the
+                         other fields from --set (dataset, model, seed too); one table line
+                         per run with its axis values and its results.json metrics.
+    python experiments/benchmark.py --protocol grid --grid lr=0.001,0.002 --grid seed=1,2 \\
+        --set dataset=eurosat --set root=~/data
 Without --datasets, the offline world's (bayesprompt.data.offline_world.BENCHMARK_DEFAULTS).
 
-Runs are ordinary run folders, DIR/DATASET/MODEL[-VARIANT]/seedS. A finished run is reused only
-when its config.json equals the requested configuration (but for its folder); an interrupted
-one resumes from its checkpoint; a folder holding a run with other options is an error.
-Writes DIR/table.md, DIR/table.csv, DIR/table.json and the bar plot DIR/table.png (mean ± sample
-std over seeds).
+Runs are ordinary run folders, DIR/DATASET/MODEL[-VARIANT]/seedS (grid: DIR/KEY=VALUE,...). A
+finished run is reused only when its config.json equals the requested configuration (but for
+its folder); an interrupted one resumes from its checkpoint; a folder holding a run with other
+options is an error. Writes DIR/table.md, DIR/table.csv, DIR/table.json and the bar plot
+DIR/table.png (mean ± sample std over seeds).
+
+Sweeps (bayesprompt/sweep.py, on submitit): --executor local (default) runs at most --workers
+runs at once on this machine (default: one per visible GPU, each pinned to its GPU; 1 on the
+CPU); --executor slurm --partition P submits one SLURM job array and returns: run the same
+command again when the jobs have finished to write the table; --executor none runs them here,
+one after another. Logs of the jobs: DIR/submitit/. A failed run is reported with its log, the
+table marks it, the command exits with 1; running it again resumes the sweep.
 """
 
 from __future__ import annotations
