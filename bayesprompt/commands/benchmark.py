@@ -563,9 +563,9 @@ def grid_main(args: argparse.Namespace, sweep, command: str) -> None:
                                              for k, v in r.items()} for r in records]))
     write_json(out / "table.json", {"protocol": "grid", "axes": axes, "command": command,
                                     "entries": entries})
-    plot_grouped_bars({"grid": {e["run"]: {"base": (e["base_acc"], None),
-                                           "new": (e["new_acc"], None), "HM": (e["hm"], None)}
-                                for e in entries}}, out / "table.png")
+    bars = {e["run"]: {"base": (e["base_acc"], None), "new": (e["new_acc"], None),
+                       "HM": (e["hm"], None)} for e in entries}
+    plot_grouped_bars({"accuracy of each run of the grid": bars}, out / "table.png")
     print(header + body)
     raise_failures(outcomes)
 
