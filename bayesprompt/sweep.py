@@ -38,6 +38,8 @@ from bayesprompt.runs import RunConfig, train_and_evaluate
 EXECUTORS = ("local", "slurm", "none")
 #: Seconds between two looks at the running local jobs.
 POLL_SECONDS = 0.5
+#: Local jobs have no time limit of their own: submitit's (2 minutes by default) is set to a year.
+LOCAL_TIMEOUT_MIN = 60 * 24 * 365
 #: The record of submitted SLURM arrays, in the sweep's submitit folder.
 SLURM_RECORD = "slurm_jobs.json"
 
@@ -217,7 +219,7 @@ def run_local(todo: list[Outcome], folder: Path, options: SweepOptions, progress
     workers = options.workers or (len(gpus) if pinned else 1)
     threads = max(1, cpu_cores() // workers)
     executor = submitit.LocalExecutor(folder=folder)
-    executor.update_parameters(timeout_min=options.time_min,
+    executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN,
                                setup=[f"export OMP_NUM_THREADS={threads}",
                                       f"export MKL_NUM_THREADS={threads}"])
     waiting = list(todo)
@@ -286,12 +288,14 @@ def submit_slurm(todo: list[Outcome], folder: Path, options: SweepOptions,
         raise UserError(f"sbatch refused the job array: {error}") from None
     job_id = jobs[0].job_id.split("_")[0]
     records = slurm_records(folder)
-    records.append({"job_id": job_id, "runs": [outcome.config.out for outcome in todo]})
+    records.append({"job_id": job_id, "tasks": [job.job_id for job in jobs],
+                    "runs": [outcome.config.out for outcome in todo]})
     write_json(folder / SLURM_RECORD, records)
+    logs = (f"{folder / job_id}_TASK_0_log.out and .err, TASK = 0..{len(todo) - 1} in the "
+            "order of the runs" if len(jobs) > 1 else f"{folder / job_id}_0_log.out and .err")
     say(f"Submitted {len(todo)} runs as SLURM job array {job_id} (partition "
         f"{options.partition}, at most {parameters['array_parallelism']} at once). Logs: "
-        f"{folder / job_id}_TASK_0_log.out and .err, TASK = 0..{len(todo) - 1} in the order "
-        f"of the runs; squeue -j {job_id} shows the queue. "
+        f"{logs}; squeue -j {job_id} shows the queue. "
         "When the jobs have finished, run this same command again: it reuses their run "
         "folders, resubmits failed or cut-off runs (they resume from their checkpoints) and "
         "writes the table.")
@@ -312,12 +316,9 @@ def active_slurm_runs(folder: Path) -> dict[str, str]:
     job_ids = [record["job_id"] for record in records]
     listed = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(job_ids)],
                             capture_output=True, text=True, check=False).stdout.split()
-    active = {}
-    for record in records:
-        for task, out in enumerate(record["runs"]):
-            if f"{record['job_id']}_{task}" in listed:
-                active[out] = record["job_id"]
-    return active
+    return {out: record["job_id"] for record in records
+            for task, out in zip(record["tasks"], record["runs"], strict=True)
+            if task in listed or record["job_id"] in listed}
 
 
 def failure_report(outcomes: list[Outcome]) -> str:
