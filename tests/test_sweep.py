@@ -23,11 +23,14 @@ benchmark = vars(bayesprompt.commands.benchmark)
 #: A CoOp model file that raises in a training step once FLAG exists next to it (model calls
 #: counted per process: one to create the parameters, five steps per epoch on the fixture).
 FAILING_MODEL = '''
+import os
 from pathlib import Path
 
 from bayesprompt.models.coop import Model as CoOp
 
 FLAG = Path(__file__).with_name("FAIL")
+Path(__file__).with_name(f"gpus-{os.getpid()}").write_text(
+    os.environ.get("CUDA_VISIBLE_DEVICES", "not set"))
 
 
 class Model(CoOp):
@@ -87,7 +90,9 @@ def test_local_processes_give_the_sequential_table(tiny: list[str], tmp_path: Pa
 
 
 def test_a_failed_run_is_reported_the_others_finish_and_the_sweep_resumes(
-        tiny: list[str], tmp_path: Path, capsys) -> None:
+        tiny: list[str], tmp_path: Path, monkeypatch, capsys) -> None:
+    # two GPUs as far as the sweep knows: each job is pinned to one (the runs use the CPU)
+    monkeypatch.setattr(bayesprompt.sweep, "local_gpus", lambda configs: ([0, 1], True))
     model_file = tmp_path / "failing.py"
     model_file.write_text(FAILING_MODEL)
     (tmp_path / "FAIL").touch()
@@ -107,6 +112,9 @@ def test_a_failed_run_is_reported_the_others_finish_and_the_sweep_resumes(
     assert table["failing"]["failed"] == 1 and table["failing"]["base_acc"] is None
     assert "| failing (FAILED: 1 of 1 runs) | n/a |" in (out / "table.md").read_text()
     assert (failed_run / "checkpoint.pt").exists() and not (failed_run / "results.json").exists()
+    seen = {path.read_text() for path in tmp_path.glob("gpus-*")}  # the parent's import: unset
+    assert seen - {os.environ.get("CUDA_VISIBLE_DEVICES", "not set")} <= {"0", "1"}
+    assert seen & {"0", "1"}  # the job saw exactly one of the two
 
     (tmp_path / "FAIL").unlink()
     assert run_cli([*args, "--executor", "none"]) == 0

@@ -68,7 +68,14 @@ from bayesprompt.data.offline_world import BENCHMARK_DEFAULTS
 from bayesprompt.errors import RunsFailed, UserError
 from bayesprompt.files import make_folder, write_json, write_text
 from bayesprompt.runs import RunConfig, harmonic_mean, load_model_class
-from bayesprompt.sweep import Outcome, add_sweep_arguments, failure_report, run_sweep, sweep_options
+from bayesprompt.sweep import (
+    Outcome,
+    SweepOptions,
+    add_sweep_arguments,
+    failure_report,
+    run_sweep,
+    sweep_options,
+)
 
 PROTOCOLS = ("base2new", "cross_dataset", "domain_generalization", "grid")
 DEFAULT_MODELS = ["zeroshot", "coop", "cocoop", "vpt", "vpt_cond", "e2mim", "e2mim_vpt"]
@@ -506,9 +513,9 @@ GRID_COLUMNS = (("base_acc", "base", True), ("new_acc", "new", True), ("hm", "HM
                 ("train_seconds", "train s", True))
 
 
-def grid_main(args: argparse.Namespace, sweep, command: str) -> None:
-    """--protocol grid: one run per combination of the --grid axes; the table has one line
-    per run: its axis values, then results.json's metrics and transfer accuracies."""
+def grid_runs(args: argparse.Namespace, out: Path) -> tuple[dict[str, list], list[dict],
+                                                            list[RunConfig]]:
+    """The axes of --protocol grid, its points (axis -> value) and their resolved configs."""
     given = [name for name in ("datasets", "models", "seeds") if getattr(args, name)]
     if given or args.variants:
         raise UserError(
@@ -521,7 +528,6 @@ def grid_main(args: argparse.Namespace, sweep, command: str) -> None:
     if overlap:
         raise UserError(f"{', '.join(overlap)} is both set (--set) and varied (--grid); "
                         "drop one of them.")
-    out = Path(args.out or Path("runs") / "benchmark" / "grid")
     precision = args.precision or default_precision(args.device)
     points = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
     labels = [point_label(point) for point in points]
@@ -530,21 +536,37 @@ def grid_main(args: argparse.Namespace, sweep, command: str) -> None:
                         "values that differ in their last component.")
     configs = []
     for point, label in zip(points, labels, strict=True):
-        fields_of = {k: v for k, v in point.items() if not k.startswith("options.")}
-        options_of = {k.removeprefix("options."): v for k, v in point.items()
-                      if k.startswith("options.")}
-        config = RunConfig(**{**settings, **fields_of}, options={**options, **options_of},
-                           device=args.device, precision=precision, out=str(out / label))
+        point_fields = {k: v for k, v in point.items() if not k.startswith("options.")}
+        point_options = {k.removeprefix("options."): v for k, v in point.items()
+                         if k.startswith("options.")}
+        config = RunConfig(**{**settings, **point_fields},
+                           options={**options, **point_options}, device=args.device,
+                           precision=precision, out=str(out / label))
         load_model_class(config.model)
         configs.append(config.resolved())
+    return axes, points, configs
+
+
+def grid_main(args: argparse.Namespace, sweep: SweepOptions, command: str) -> None:
+    """--protocol grid: one run per combination of the --grid axes; the table has one line
+    per run: its axis values, then results.json's metrics and transfer accuracies."""
+    out = Path(args.out or Path("runs") / "benchmark" / "grid")
+    axes, points, configs = grid_runs(args, out)
     outcomes = run_sweep(configs, out, sweep, say)
-    if outcomes is None:
+    if outcomes is None:  # submitted to SLURM
         return
-    targets = list(dict.fromkeys(t for c in configs for t in c.eval_on))
-    entries = [{"run": label, **point, "failed": outcome.failed,
+    entries = [{"run": point_label(point), **point, "failed": outcome.failed,
                 **{key: (outcome.results or {}).get(key) for key, _, _ in GRID_COLUMNS},
                 "transfer_acc": (outcome.results or {}).get("transfer_acc", {})}
-               for label, point, outcome in zip(labels, points, outcomes, strict=True)]
+               for point, outcome in zip(points, outcomes, strict=True)]
+    write_grid_table(out, axes, entries, command)
+    raise_failures(outcomes)
+
+
+def write_grid_table(out: Path, axes: dict[str, list], entries: list[dict], command: str
+                     ) -> None:
+    """table.md/csv/json and the bar plot of a grid: one line per run (failed: FAILED)."""
+    targets = list(dict.fromkeys(t for e in entries for t in e["transfer_acc"]))
     header_cells = [*axes, *(title for _, title, _ in GRID_COLUMNS), *targets]
     lines = [[*(value_text(e[k]) for k in axes),
               *(("FAILED" if e["failed"] else show(e[key], percent))
@@ -557,17 +579,16 @@ def grid_main(args: argparse.Namespace, sweep, command: str) -> None:
               f"    {command}\n\n")
     make_folder(out)
     write_text(out / "table.md", header + body + "\n")
-    records = [{**{k: v for k, v in e.items() if k != "transfer_acc"},
+    records = [{**{k: value_text(v) if k in axes else v for k, v in e.items()
+                   if k != "transfer_acc"},
                 **{f"{t}_acc": e["transfer_acc"].get(t) for t in targets}} for e in entries]
-    write_text(out / "table.csv", csv_text([{k: value_text(v) if k in axes else v
-                                             for k, v in r.items()} for r in records]))
+    write_text(out / "table.csv", csv_text(records))
     write_json(out / "table.json", {"protocol": "grid", "axes": axes, "command": command,
                                     "entries": entries})
     bars = {e["run"]: {"base": (e["base_acc"], None), "new": (e["new_acc"], None),
                        "HM": (e["hm"], None)} for e in entries}
     plot_grouped_bars({"accuracy of each run of the grid": bars}, out / "table.png")
     print(header + body)
-    raise_failures(outcomes)
 
 
 def cli() -> None:
