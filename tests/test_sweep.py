@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from conftest import TINY_BACKBONE
 
 import bayesprompt.commands.benchmark
 import bayesprompt.sweep
-from bayesprompt.cli import run_main
+from bayesprompt.cli import field_type, run_main
+from bayesprompt.runs import RunConfig
 
 benchmark = vars(bayesprompt.commands.benchmark)
 
@@ -235,3 +237,15 @@ def test_list_and_flag_values_of_a_sweep() -> None:
     assert settings == {"grad_checkpointing": True, "pretrained": None}
     settings, _ = parse_settings(["eval_on=dtd+eurosat"], "--grid", chosen={})
     assert settings == {"eval_on": ["dtd", "eurosat"]}
+
+
+@pytest.mark.parametrize("item", [f for f in fields(RunConfig) if f.name not in
+                                  benchmark["GRID_CHOSEN"]], ids=lambda f: f.name)
+def test_a_sweep_can_vary_every_field(item) -> None:
+    kind, _ = field_type(RunConfig, item.name)
+    text, value = {str: ("text", "text"), int: ("7", 7), float: ("0.25", 0.25),
+                   bool: ("true", True), list: ("a+b", ["a", "b"])}[kind]
+    if item.metadata.get("choices"):
+        text = value = item.metadata["choices"][-1]
+    axes = benchmark["grid_axes"]([f"{item.name}={text}"])
+    assert axes == {item.name: [value]}
