@@ -35,13 +35,21 @@ CACHE_FORMAT = 2
 
 
 def image_transform(clip: FrozenCLIP, augment: bool, min_scale: float = 0.08) -> v2.Compose:
-    """PIL image -> normalised (3, S, S) tensor; with `augment`, the training augmentation."""
+    """PIL image -> normalised (3, S, S) tensor; with `augment`, the training augmentation.
+
+    The test transform follows the backbone's resize mode (`clip.ImageStats.resize_mode`).
+    """
     stats = clip.image_stats
     interpolation = v2.InterpolationMode(stats.interpolation)
     if augment:
         geometry = [v2.RandomResizedCrop(stats.size, scale=(min_scale, 1.0),
                                          interpolation=interpolation),
                     v2.RandomHorizontalFlip()]
+    elif stats.resize_mode == "squash":
+        geometry = [v2.Resize((stats.size, stats.size), interpolation=interpolation)]
+    elif stats.resize_mode == "longest":
+        geometry = [v2.Resize(None, max_size=stats.size, interpolation=interpolation),
+                    v2.CenterCrop(stats.size)]  # pads the short side with zeros
     else:
         geometry = [v2.Resize(stats.size, interpolation=interpolation),
                     v2.CenterCrop(stats.size)]
