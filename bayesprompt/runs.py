@@ -45,7 +45,7 @@ from bayesprompt.text_tower import TextBudget
 MODELS_DIR = Path(bayesprompt.models.__file__).resolve().parent
 #: Options that change how fast and in how much memory a run goes, not its results: a run may
 #: be resumed with other values.
-EXECUTION_OPTIONS = ("prompt_chunk", "text_memory_gb", "grad_checkpointing")
+EXECUTION_OPTIONS = ("prompt_chunk", "text_memory_gb", "grad_checkpointing", "loader_workers")
 
 @dataclass(frozen=True)
 class DatasetDefaults:
@@ -117,6 +117,7 @@ class RunConfig:
     prompt_chunk: int | None = None
     text_memory_gb: float | None = None
     grad_checkpointing: bool = False
+    loader_workers: int | None = None  # image-decoding processes; None: min(4, CPU cores)
     eval_on: list[str] = field(default_factory=list)
     cache_dir: str = str(cache_dir())
     out: str | None = None
@@ -178,6 +179,9 @@ def check_numbers(config: RunConfig) -> None:
         ("--eval-batch-size", config.eval_batch_size, config.eval_batch_size >= 1, "1 or more"),
         ("--lr", config.lr, finite(config.lr) and config.lr > 0, "a positive finite number"),
         ("--views", config.views, config.views >= 0, "0 (no augmentation) or more"),
+        ("--loader-workers", config.loader_workers,
+         config.loader_workers is None or config.loader_workers >= 0,
+         "0 (decode in this process) or more"),
         ("--n-ctx", config.n_ctx, config.n_ctx >= 1, "1 or more"),
         ("--crop-min-scale", config.crop_min_scale, 0 < config.crop_min_scale <= 1,
          "a fraction in (0, 1]"),
@@ -275,7 +279,8 @@ def evaluate(program: PromptModel, clip: FrozenCLIP, dataset: Dataset, config: R
     """
     program.set_classes(dataset.classnames)
     cache = Path(config.cache_dir).expanduser() / "features"
-    features = cached_features(clip, dataset.test, [0], cache)[0].to(clip.device)
+    features = cached_features(clip, dataset.test, [0], cache,
+                               workers=config.loader_workers)[0].to(clip.device)
     labels = torch.tensor([item.label for item in dataset.test])
     probs = predictive_probs(program, features, config.eval_samples, config.eval_batch_size,
                              config.eval_seed, shared).cpu()
@@ -360,7 +365,7 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
     views = list(range(1, config.views + 1)) if config.views > 0 else [0]
     with distributed.main_process_first():
         features = cached_features(clip, base.train, views, cache, config.seed,
-                                   config.crop_min_scale).to(clip.device)
+                                   config.crop_min_scale, config.loader_workers).to(clip.device)
     if distributed.is_main_process():  # only now: bad input leaves no half-made run
         make_folder(out)
         write_json(out / "config.json", asdict(config))

@@ -23,12 +23,22 @@ from conftest import TINY_BACKBONE
 from huggingface_hub.errors import LocalEntryNotFoundError
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from bayesprompt.cli import run_main
 from bayesprompt.clip import ImageStats, config_digest, image_stats, load_clip
 from bayesprompt.commands import train
-from bayesprompt.data.datasets import load_dataset
-from bayesprompt.data.features import cache_key, image_transform
+from bayesprompt.data.datasets import Item, load_dataset
+from bayesprompt.data.features import (
+    TransformedImages,
+    cache_key,
+    cached_features,
+    default_loader_workers,
+    draw_crops,
+    encode_items,
+    image_transform,
+    load_image,
+)
 from bayesprompt.errors import UserError
 
 CLASSNAMES = ["cat", "dog", "bird", "fish"]
@@ -222,3 +232,83 @@ def test_offline_hub_model_exits_2_without_traceback(run_args, tmp_path, capsys)
     assert "hf-hub:nobody/no-such-clip" in err and "HF_HUB_OFFLINE" in err
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+# --- feature extraction with a DataLoader --------------------------------------------------
+
+def serial_pixels(clip, items: list[Item], view: int, seed: int, min_scale: float = 0.08
+                  ) -> torch.Tensor:
+    """The implementation before the DataLoader: one generator, images in order -> (N, 3, S, S)."""
+    transform = image_transform(clip, view > 0, min_scale)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + view)
+        return torch.stack([transform(load_image(item.path)) for item in items])
+
+
+@pytest.fixture(scope="module")
+def varied_items(eurosat_root: Path, tmp_path_factory) -> list[Item]:
+    """The fixture's training images plus images of other sizes and shapes (some too narrow
+    for most crops, so RandomResizedCrop retries or falls back to the centre)."""
+    folder = tmp_path_factory.mktemp("varied")
+    rng = np.random.default_rng(5)
+    extra = []
+    for index, (height, width) in enumerate([(48, 48), (20, 90), (90, 20), (33, 61), (7, 7)]):
+        path = folder / f"image_{index}.png"
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
+        extra.append(Item(path, index % 2, "thing"))
+    return load_dataset("eurosat", eurosat_root).train[:15] + extra
+
+
+@pytest.mark.parametrize("view", [0, 1, 3])
+def test_dataloader_images_equal_the_serial_ones_for_any_worker_count(tiny_clip, varied_items,
+                                                                       view) -> None:
+    expected = serial_pixels(tiny_clip, varied_items, view, 7)
+    transform = image_transform(tiny_clip, view > 0)
+    crops = draw_crops(transform, varied_items, 7 * 1000 + view) if view else None
+    images = TransformedImages([item.path for item in varied_items], transform, 32, crops)
+    for workers in (0, 2):
+        batches = list(DataLoader(images, batch_size=6, num_workers=workers))
+        assert all(problem == "" for _, problems in batches for problem in problems)
+        pixels = torch.cat([batch for batch, _ in batches])
+        torch.testing.assert_close(pixels, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_features_equal_the_serial_implementation(tiny_clip, varied_items, workers) -> None:
+    """Batches of 64 images as before (the image tower's float sums depend on the batch)."""
+    rng_state = torch.get_rng_state()
+    features = encode_items(tiny_clip, varied_items, 2, 3, workers=workers)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the caller's generator is untouched
+    expected = tiny_clip.encode_images(serial_pixels(tiny_clip, varied_items, 2, 3))
+    torch.testing.assert_close(features, expected, rtol=0, atol=0)
+
+
+def test_views_and_seeds_differ(tiny_clip, varied_items) -> None:
+    first, second = (encode_items(tiny_clip, varied_items, 1, seed, workers=0) for seed in (1, 2))
+    assert not torch.allclose(first, second)
+
+
+def test_unreadable_image_in_a_worker_is_one_clear_message(tiny_clip, varied_items, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    items = [*varied_items[:3], Item(broken, 0, "thing")]
+    with pytest.raises(UserError, match=r"^Cannot read the image .*broken.jpg") as error:
+        encode_items(tiny_clip, items, 0, 0, workers=2)
+    assert "Traceback" not in str(error.value)
+    with pytest.raises(UserError, match="broken.jpg"):  # augmented views read the size first
+        encode_items(tiny_clip, items, 1, 0, workers=2)
+
+
+def test_cached_features_pass_the_worker_count(tiny_clip, varied_items, tmp_path,
+                                               monkeypatch) -> None:
+    counts = []
+    original = DataLoader.__init__
+
+    def spy(self, *args, **kwargs):
+        counts.append(kwargs["num_workers"])
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DataLoader, "__init__", spy)
+    cached_features(tiny_clip, varied_items, [0, 2], tmp_path, seed=4, workers=2)
+    cached_features(tiny_clip, varied_items, [1], tmp_path, seed=4)
+    assert counts == [2, 2, default_loader_workers()]

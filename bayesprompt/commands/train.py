@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute each text-tower layer in the backward pass (less memory, "
                         "more time)")
+    parser.add_argument("--loader-workers", type=int,
+                        help="processes that decode images for the feature cache (default: "
+                        "min(4, CPU cores); 0: this process); features do not depend on it")
     parser.add_argument("--cache-dir", default=DEFAULTS.cache_dir,
                         help="feature and few-shot cache")
     parser.add_argument("--out", help="run folder (default: runs/DATASET/MODEL/...)")
