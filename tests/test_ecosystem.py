@@ -110,6 +110,11 @@ def test_loo_of_a_point_estimate_is_the_test_log_likelihood() -> None:
     test_log_likelihood = np.log(probs[0, np.arange(25), labels]).sum()
     assert float(loo.elpd_loo) == pytest.approx(test_log_likelihood, rel=1e-9)
     assert float(loo.p_loo) == pytest.approx(0.0, abs=1e-9)
+    bayesian = build(sampled_probs(rng, labels, 4.0, num_samples=3), labels, rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = az.compare({"point": idata, "bayesian": bayesian})
+    assert table.index.tolist() == ["bayesian", "point"]
 
 
 def test_labels_outside_the_classes_are_refused() -> None:
