@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from bayesprompt.cli import run_main
 from bayesprompt.clip import ImageStats, config_digest, image_stats, load_clip
 from bayesprompt.commands import train
+from bayesprompt.data import features as features_module
 from bayesprompt.data.datasets import Item, load_dataset
 from bayesprompt.data.features import (
     TransformedImages,
@@ -250,6 +251,13 @@ def serial_pixels(clip, items: list[Item], view: int, seed: int, min_scale: floa
         return torch.stack([transform(load_image(item.path)) for item in items])
 
 
+def serial_features(clip, items: list[Item], view: int, seed: int, batch_size: int
+                    ) -> torch.Tensor:
+    """The features of the implementation before the DataLoader: (N, D) in batches."""
+    pixels = serial_pixels(clip, items, view, seed)
+    return torch.cat([clip.encode_images(batch) for batch in pixels.split(batch_size)])
+
+
 @pytest.fixture(scope="module")
 def varied_items(eurosat_root: Path, tmp_path_factory) -> list[Item]:
     """The fixture's training images plus images of other sizes and shapes (some too narrow
@@ -280,11 +288,10 @@ def test_dataloader_images_equal_the_serial_ones_for_any_worker_count(tiny_clip,
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_features_equal_the_serial_implementation(tiny_clip, varied_items, workers) -> None:
-    """Batches of 64 images as before (the image tower's float sums depend on the batch)."""
     rng_state = torch.get_rng_state()
-    features = encode_items(tiny_clip, varied_items, 2, 3, workers=workers)
+    features = encode_items(tiny_clip, varied_items, 2, 3, batch_size=6, workers=workers)
     assert torch.equal(torch.get_rng_state(), rng_state)  # the caller's generator is untouched
-    expected = tiny_clip.encode_images(serial_pixels(tiny_clip, varied_items, 2, 3))
+    expected = serial_features(tiny_clip, varied_items, 2, 3, batch_size=6)
     torch.testing.assert_close(features, expected, rtol=0, atol=0)
 
 
@@ -298,14 +305,29 @@ def test_unreadable_image_in_a_worker_is_one_clear_message(tiny_clip, varied_ite
     broken.write_bytes(b"not a jpeg")
     items = [*varied_items[:3], Item(broken, 0, "thing")]
     with pytest.raises(UserError, match=r"^Cannot read the image .*broken.jpg") as error:
-        encode_items(tiny_clip, items, 0, 0, workers=2)
+        encode_items(tiny_clip, items, 0, 0, batch_size=2, workers=2)
     assert "Traceback" not in str(error.value)
     with pytest.raises(UserError, match="broken.jpg"):  # augmented views read the size first
-        encode_items(tiny_clip, items, 1, 0, workers=2)
+        encode_items(tiny_clip, items, 1, 0, batch_size=2, workers=2)
 
 
 def test_cached_features_pass_the_worker_count(tiny_clip, varied_items, tmp_path,
                                                monkeypatch) -> None:
+    counts = []
+
+    def spy(*args, workers=None, **kwargs):
+        counts.append(workers)
+        return encode_items(*args, workers=workers, **kwargs)
+
+    monkeypatch.setattr(features_module, "encode_items", spy)
+    features = cached_features(tiny_clip, varied_items, [0, 2], tmp_path, seed=4, workers=2)
+    cached_features(tiny_clip, varied_items, [1], tmp_path, seed=4)
+    assert counts == [2, 2, None]
+    torch.testing.assert_close(features[1], serial_features(tiny_clip, varied_items, 2, 4, 64),
+                               rtol=0, atol=0)
+
+
+def test_a_single_batch_is_decoded_in_this_process(tiny_clip, varied_items, monkeypatch):
     counts = []
     original = DataLoader.__init__
 
@@ -314,6 +336,7 @@ def test_cached_features_pass_the_worker_count(tiny_clip, varied_items, tmp_path
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(DataLoader, "__init__", spy)
-    cached_features(tiny_clip, varied_items, [0, 2], tmp_path, seed=4, workers=2)
-    cached_features(tiny_clip, varied_items, [1], tmp_path, seed=4)
-    assert counts == [2, 2, default_loader_workers()]
+    encode_items(tiny_clip, varied_items, 0, 0, workers=4)  # 20 images, one batch of 64
+    encode_items(tiny_clip, varied_items, 0, 0, batch_size=8, workers=4)  # three batches
+    encode_items(tiny_clip, varied_items, 0, 0, batch_size=8)
+    assert counts == [0, 3, min(3, default_loader_workers())]

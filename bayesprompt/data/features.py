@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import zipfile
@@ -188,14 +189,17 @@ def encode_items(clip: FrozenCLIP, items: list[Item], view: int, seed: int,
     """Image features (N, D) of `items` under view `view` (0: test transform).
 
     `workers` processes decode and transform the images (None: `default_loader_workers()`,
-    0: this process); the augmented views' crops are drawn before, seeded by (seed, view).
+    0: this process; at most one per batch, none for a single batch); the augmented views'
+    crops are drawn before, seeded by (seed, view).
     """
     transform = image_transform(clip, view > 0, min_scale)
     crops = draw_crops(transform, items, seed * 1000 + view) if view > 0 else None
     images = TransformedImages([item.path for item in items], transform, clip.image_stats.size,
                                crops)
     workers = default_loader_workers() if workers is None else workers
-    loader = DataLoader(images, batch_size=batch_size, num_workers=min(workers, len(items)),
+    batches = math.ceil(len(items) / batch_size)  # a worker takes whole batches; starting one
+    workers = min(workers, batches) if batches > 1 else 0  # costs ~0.4 s (2-core machine)
+    loader = DataLoader(images, batch_size=batch_size, num_workers=workers,
                         pin_memory=clip.device.type == "cuda",
                         generator=torch.Generator())  # its worker seeds, not the caller's RNG
     chunks = []
