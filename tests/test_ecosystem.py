@@ -41,6 +41,7 @@ from bayesprompt.data.features import (
     load_image,
 )
 from bayesprompt.errors import UserError
+from bayesprompt.runs import EXECUTION_OPTIONS
 
 CLASSNAMES = ["cat", "dog", "bird", "fish"]
 
@@ -340,3 +341,14 @@ def test_a_single_batch_is_decoded_in_this_process(tiny_clip, varied_items, monk
     encode_items(tiny_clip, varied_items, 0, 0, batch_size=8, workers=4)  # three batches
     encode_items(tiny_clip, varied_items, 0, 0, batch_size=8)
     assert counts == [0, 3, min(3, default_loader_workers())]
+
+
+def test_loader_workers_option(run_args, capsys) -> None:
+    config, _ = train.parse_args([*run_args, "--loader-workers", "0"])
+    assert config.loader_workers == 0 and "loader_workers" in EXECUTION_OPTIONS
+    assert train.parse_args(run_args)[0].loader_workers is None
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(train.main, [*run_args, "--loader-workers", "-1"])
+    assert exit_info.value.code == 2
+    assert "--loader-workers must be 0 (decode in this process) or more, got -1" in (
+        capsys.readouterr().err)
