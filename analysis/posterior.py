@@ -29,21 +29,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyro
 import torch
 from bayesprompt.analysis.inference_data import to_inference_data
 from bayesprompt.analysis.templates import IMAGENET_TEMPLATES
 from tqdm.auto import tqdm
 
+from bayesprompt.api import Run
 from bayesprompt.clip import FrozenCLIP
 from bayesprompt.data.datasets import Dataset, load_dataset
 from bayesprompt.data.features import cached_features
 from bayesprompt.data.splits import subsample_classes
 from bayesprompt.errors import UserError
-from bayesprompt.infer import batch_bounds, posterior_draws, replay_model
+from bayesprompt.infer import batch_bounds, posterior_draws, replay_model, seeded
 from bayesprompt.prompt_model import PromptModel
 from bayesprompt.prompts import prompt_classname
-from bayesprompt.runs import RunConfig, load_run
+from bayesprompt.runs import RunConfig
 
 #: Per-image text features (S, M, C, D) are kept for the first M images of a split only.
 MAX_TEXT_IMAGES = 32
@@ -182,19 +182,19 @@ def domain_dataset(config: RunConfig, name: str, classnames: list[str]) -> Datas
     return dataset
 
 
-def posterior_samples(run_dir: str | Path, num_samples: int | None = None,
+def posterior_samples(run: Run | str | Path, num_samples: int | None = None,
                       splits: Sequence[str] = ("base", "new"), domains: Sequence[str] = (),
                       device: str | None = None, seed: int | None = None) -> RunPosterior:
-    """Load a run folder and draw S posterior samples on each test split.
+    """Draw S posterior samples of a run on each test split.
 
     Args:
-        run_dir: a folder written by ``train_and_evaluate`` (config.json, checkpoint.pt).
+        run: a ``bayesprompt.Run``, or a run folder (config.json, checkpoint.pt) to load.
         num_samples: S (default: the run's `eval_samples`, as results.json).
         splits: which of the run's own test splits: "base" (training classes; all classes
             for a run with subsample "all") and "new" (held-out classes, if any).
         domains: names of datasets with the run's classes (e.g. "miniworld_sketch"); each is
             evaluated on the training classes and becomes a split named after it.
-        device: overrides the run's device.
+        device: overrides the run's device (when ``run`` is a folder).
         seed: seed of the draws (default: the run's `eval_seed`). With the run's S and seed,
             the accuracies equal results.json's.
 
@@ -204,11 +204,10 @@ def posterior_samples(run_dir: str | Path, num_samples: int | None = None,
     if num_samples is not None and num_samples < 1:
         raise UserError(f"--num-samples must be 1 or more (got {num_samples}): it is the number "
                         "S of posterior samples drawn per test image (default: the run's).")
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"Run folder not found: {run_dir}. Pass a folder written by "
-                        "experiments/svi_train.py (it holds config.json and checkpoint.pt).")
-    config, program, clip, base, new = load_run(run_dir, device)
+    if not isinstance(run, Run):
+        run = Run.load(run, device)
+    run_dir, config, program, clip, base, new = (run.folder, run.config, run.program, run.clip,
+                                                 run.base, run.new)
     if program.latent_sites and not (run_dir / "checkpoint.pt").is_file():
         raise UserError(f"{run_dir} holds no checkpoint.pt: the run has not finished an epoch "
                         "of training. Train it (svi_train.py --out RUN_DIR [--resume]) first.")
@@ -224,16 +223,17 @@ def posterior_samples(run_dir: str | Path, num_samples: int | None = None,
 
     num_samples = config.eval_samples if num_samples is None else num_samples
     seed = config.eval_seed if seed is None else seed
-    pyro.set_rng_seed(seed)
+    classnames = program.classnames
     cache = Path(config.cache_dir).expanduser() / "features"
     global_latents: dict[str, torch.Tensor] = {}
     samples = {}
-    for name, dataset in chosen.items():
-        features = cached_features(clip, dataset.test, [0], cache,
-                                   workers=config.loader_workers)[0].to(clip.device)
-        samples[name] = sample_split(program, name, dataset, features, num_samples,
-                                     global_latents, seed, config.eval_batch_size)
-    program.set_classes(base.classnames)
+    with seeded(seed):  # the sampled labels; the caller's RNG states are kept
+        for name, dataset in chosen.items():
+            features = cached_features(clip, dataset.test, [0], cache,
+                                       workers=config.loader_workers)[0].to(clip.device)
+            samples[name] = sample_split(program, name, dataset, features, num_samples,
+                                         global_latents, seed, config.eval_batch_size)
+    program.set_classes(classnames)
     return RunPosterior(run_dir, config, program, clip, samples, num_samples, seed)
 
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from bayesprompt import distributed
 from bayesprompt.errors import UserError
 from bayesprompt.files import save_torch
-from bayesprompt.prompt_model import OptimizerGroup, PromptModel
+from bayesprompt.prompt_model import OptimizerGroup, PromptModel, in_param_scope
 
 #: Weight of the KL term of the reference implementation's objective.
 PAPER_KL_WEIGHT = 1e-3
@@ -171,8 +171,9 @@ def load_checkpoint(path: Path, identity: dict, device: torch.device | str = "cp
     """Read a checkpoint (tensors and plain containers only: `weights_only=True`), check it
     belongs to this run (`identity`) and restore the values of the param store, on `device`.
 
-    The param store must already hold this program's parameters (see `create_parameters`),
-    so their constraints come from the program, not from the file.
+    Run it inside the program's `param_scope()`, whose store must already hold the program's
+    parameters (`PromptModel.initialize_parameters`), so that their constraints come from the
+    program, not from the file.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -202,12 +203,6 @@ def load_checkpoint(path: Path, identity: dict, device: torch.device | str = "cp
               for name, value in saved.items()}
     store.set_state({"params": params, "constraints": current["constraints"]})
     return state
-
-
-def create_parameters(program: PromptModel, image_features: torch.Tensor,
-                      labels: torch.Tensor) -> None:
-    """Run guide and model once on a batch (B, D) so that every `pyro.param` exists."""
-    particle_traces(program, 1, image_features, labels, image_features.shape[0])
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -266,6 +261,7 @@ def group_optimizers(named: dict[str, torch.nn.Parameter], groups: tuple[Optimiz
     return sgd, optimizers
 
 
+@in_param_scope
 def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
           config: TrainConfig, checkpoint: Path | None = None, identity: dict | None = None,
           resume: bool = False) -> TrainHistory:
@@ -282,10 +278,11 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     gradients are summed over ranks before the step; rank 0 alone writes the checkpoint. The
     divergence check reads the loss summed over ranks, so every rank stops at the same step.
     The factor history is each rank's own (rank 0's is the one written).
+    Training starts from new parameters, in the program's own param store (`param_scope`).
     """
     views, dataset_size, _ = features.shape
     identity = identity or {}
-    pyro.clear_param_store()
+    pyro.clear_param_store()  # the program's store, inside its param_scope
     torch.manual_seed(config.seed)
     objective = make_objective(program, config)
     first = slice(0, config.batch_size)  # a whole batch: parameters of batch-wise terms too

@@ -5,14 +5,22 @@ A model file subclasses `PromptModel` and writes `model` (prior + likelihood) an
 `(image_features (B, D), labels (B,) | None, dataset_size: int | None)`.
 Sample-site names are part of the API: `y` is the label; latent sites are listed in
 `latent_sites` so that objectives and analysis can find them.
+
+Each program keeps its Pyro parameters in a param store of its own: `model` and `guide` (and
+whatever runs inside `param_scope()`) see Pyro's global store holding this program's parameters
+and nothing else, so several trained programs live side by side in one process.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyro
 import torch
+from pyro import poutine
 from torch import nn
 
 from bayesprompt.clip import FrozenCLIP
@@ -54,6 +62,12 @@ class PromptModel(nn.Module):
     #: Parameters with their own optimiser; all others get the reference SGD schedule.
     optimizer_groups: tuple[OptimizerGroup, ...] = ()
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("model", "guide"):
+            if name in vars(cls):
+                setattr(cls, name, in_param_scope(vars(cls)[name]))
+
     def __init__(self, clip: FrozenCLIP, classnames: list[str], config: PromptConfig) -> None:
         super().__init__()
         self.check_options(config.options)
@@ -61,6 +75,70 @@ class PromptModel(nn.Module):
         self.config = config
         self.register_buffer("init_ctx", initial_context(clip, config.n_ctx, config.ctx_init))
         self.set_classes(classnames)
+        self._param_state: dict = {"params": {}, "constraints": {}}
+        self._in_param_scope = False
+
+    @contextmanager
+    def param_scope(self) -> Iterator[None]:
+        """Inside the block Pyro's param store holds this program's parameters (only those);
+        parameters created or changed there stay the program's. Re-entrant."""
+        if self._in_param_scope:
+            yield
+            return
+        store = pyro.get_param_store()
+        outside = store.get_state()
+        store.clear()
+        store.set_state(self._param_state)
+        self._in_param_scope = True
+        try:
+            yield
+        finally:
+            self._in_param_scope = False
+            self._param_state = store.get_state()
+            store.clear()
+            store.set_state(outside)
+
+    def learned_parameters(self) -> dict[str, torch.Tensor]:
+        """The program's Pyro parameters by name, unconstrained (e.g. "ctx": (n_ctx, W))."""
+        return dict(self._param_state["params"])
+
+    def clear_parameters(self) -> None:
+        """Forget the learned parameters: the next call of model or guide creates new ones."""
+        self._param_state = {"params": {}, "constraints": {}}
+
+    def initialize_parameters(self) -> None:
+        """Create every `pyro.param` (by one call of guide and model on two blank images) if
+        the program has none yet."""
+        if self._param_state["params"]:
+            return
+        features = torch.zeros(2, self.clip.feature_dim, device=self.init_ctx.device)
+        labels = torch.arange(2, device=features.device) % len(self.classnames)
+        with self.param_scope():
+            guide_trace = poutine.trace(self.guide).get_trace(features, labels, 2)
+            poutine.replay(self.model, trace=guide_trace)(features, labels, 2)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The learned parameters (detached copies), not the frozen CLIP: what saving a
+        trained program must keep. `load_state_dict` restores them."""
+        return {name: value.detach().clone() for name, value in self.learned_parameters().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore parameters saved by `state_dict` (same names and shapes), on this device."""
+        self.initialize_parameters()
+        current = self._param_state["params"]
+        if set(state) != set(current):
+            raise UserError(
+                f"The saved parameters {sorted(state)} are not this model's {sorted(current)}: "
+                "they were saved from another model or another version of its file.")
+        wrong = [f"{k}: saved {tuple(state[k].shape)}, model {tuple(current[k].shape)}"
+                 for k in current if state[k].shape != current[k].shape]
+        if wrong:
+            raise UserError(f"The saved parameters have other shapes ({'; '.join(wrong)}): "
+                            "they come from another backbone or --n-ctx.")
+        device = self.init_ctx.device
+        params = {k: v.detach().to(device).requires_grad_(True) for k, v in state.items()}
+        self._param_state = {"params": params,
+                             "constraints": dict(self._param_state["constraints"])}
 
     def check_options(self, options: dict) -> None:
         """Refuse `--set` options; a model file with options of its own overrides this."""
@@ -121,3 +199,13 @@ class PromptModel(nn.Module):
     def guide(self, image_features: torch.Tensor, labels: torch.Tensor | None = None,
               dataset_size: int | None = None) -> None:
         raise NotImplementedError
+
+
+def in_param_scope(function: Callable) -> Callable:
+    """`function(program, ...)` (a PromptModel method, or a function whose first argument is
+    the program), run inside the program's `param_scope()`."""
+    @functools.wraps(function)
+    def scoped(program: PromptModel, *args, **kwargs):
+        with program.param_scope():
+            return function(program, *args, **kwargs)
+    return scoped

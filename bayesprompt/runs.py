@@ -32,7 +32,6 @@ from bayesprompt.errors import RunInterrupted, UserError
 from bayesprompt.files import make_folder, read_json, write_json
 from bayesprompt.infer import (
     TrainConfig,
-    create_parameters,
     load_checkpoint,
     predictive_probs,
     train,
@@ -437,14 +436,12 @@ def load_run(run_dir: Path, device: str | None = None
         config.device = device
     base, new, _ = split_datasets(config)
     clip = load_run_clip(config)
-    pyro.clear_param_store()
     program = build_program(config, clip, base.classnames, base.template)
     checkpoint = run_dir / "checkpoint.pt"
     if checkpoint.exists():
-        features = torch.zeros(2, clip.feature_dim, device=clip.device)
-        labels = torch.tensor([0, 1], device=clip.device) % len(base.classnames)
-        create_parameters(program, features, labels)
-        load_checkpoint(checkpoint, run_identity(config, clip, base.classnames), clip.device)
+        program.initialize_parameters()
+        with program.param_scope():
+            load_checkpoint(checkpoint, run_identity(config, clip, base.classnames), clip.device)
     return config, program, clip, base, new
 
 

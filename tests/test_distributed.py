@@ -57,7 +57,7 @@ def train_model(name: str, clip, config: TrainConfig, checkpoint: Path | None = 
     program = load_model_class(name)(clip, CLASSES, PromptConfig())
     features, labels = two_view_features(clip)
     history = train(program, features, labels, config, checkpoint, {"model": name}, resume).loss
-    return history, {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+    return history, program.state_dict()
 
 
 PLAIN_SCHEDULE = infer.learning_rate

@@ -128,7 +128,7 @@ def test_factors_are_per_image_like_the_label(tiny_clip, model):
     labels = torch.tensor([0, 1, 1, 3])
     totals = {}
     for dataset_size in (4, 40, 400):
-        pyro.clear_param_store()
+        program.clear_parameters()
         pyro.set_rng_seed(0)
         loss = elbo_objective(program, 2)(features, labels, dataset_size).item()
         assert math.isfinite(loss)
@@ -153,7 +153,7 @@ def test_per_image_objective_is_the_documented_one(tiny_clip):
     labels = torch.tensor([0, 1, 1, 3])
     totals = {}
     for dataset_size in (4, 40):
-        pyro.clear_param_store()
+        program.clear_parameters()
         pyro.set_rng_seed(0)
         totals[dataset_size] = dataset_size * elbo_objective(program, 1)(
             features, labels, dataset_size).item()
@@ -173,7 +173,6 @@ def test_per_image_objective_is_the_documented_one(tiny_clip):
 
 
 def test_fusion_weight_interpolates_the_two_views(tiny_clip):
-    pyro.clear_param_store()
     features = torch.nn.functional.normalize(torch.randn(3, tiny_clip.feature_dim), dim=-1)
     zero_shot = build(tiny_clip, "zeroshot", {})
     coop = build(tiny_clip, "coop", {})

@@ -19,7 +19,6 @@ from bayesprompt.runs import load_model_class
 
 
 def test_paper_objective_equals_direct_computation(tiny_clip) -> None:
-    pyro.clear_param_store()
     program = load_model_class("vpt_cond")(tiny_clip, CLASSES, PromptConfig())
     features, labels = separable_features(tiny_clip, per_class=2)
     features = features[0]
@@ -32,7 +31,7 @@ def test_paper_objective_equals_direct_computation(tiny_clip) -> None:
     fixed_r = guide_trace.nodes["r"]["value"]                         # (L, B, W)
 
     loc, scale = program.posterior_net(features)                      # (B, W)
-    ctx = pyro.param("ctx")
+    ctx = program.learned_parameters()["ctx"]
     text = tiny_clip.encode_prompts(program.prompts.splice(ctx + fixed_r.unsqueeze(-2)),
                                     program.prompts.eot_index)        # (L, B, C, D)
     logits = tiny_clip.logit_scale * torch.einsum("lbcd,bd->lbc", text, features)
@@ -44,7 +43,6 @@ def test_paper_objective_equals_direct_computation(tiny_clip) -> None:
 
 
 def test_batched_elbo_is_the_mean_of_single_image_objectives(tiny_clip) -> None:
-    pyro.clear_param_store()
     program = load_model_class("coop")(tiny_clip, CLASSES, PromptConfig())
     features, labels = separable_features(tiny_clip, per_class=2)
     objective = infer.make_objective(program, TrainConfig(num_particles=1))
@@ -70,8 +68,9 @@ def test_resume_gives_the_same_parameters(model, tiny_clip, tmp_path, monkeypatc
         torch.manual_seed(0)
         return load_model_class(model)(tiny_clip, CLASSES, PromptConfig())
 
-    uninterrupted = train(fresh_program(), features, labels, config, tmp_path / "a.pt", identity)
-    expected = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+    program = fresh_program()
+    uninterrupted = train(program, features, labels, config, tmp_path / "a.pt", identity)
+    expected = program.state_dict()
 
     save = infer.save_torch
     calls = []
@@ -89,14 +88,14 @@ def test_resume_gives_the_same_parameters(model, tiny_clip, tmp_path, monkeypatc
     assert interrupted["epoch"] == 2
     assert set(interrupted["group_optimizers"]) == ({"critic"} if model == "e2mim" else set())
     monkeypatch.setattr(infer, "save_torch", save)
-    resumed = train(fresh_program(), features, labels, config, tmp_path / "b.pt", identity,
-                    resume=True)
+    program = fresh_program()
+    resumed = train(program, features, labels, config, tmp_path / "b.pt", identity, resume=True)
     assert resumed.loss == pytest.approx(uninterrupted.loss)
     assert resumed.factors.keys() == uninterrupted.factors.keys()
     for name, curve in resumed.factors.items():
         assert curve == pytest.approx(uninterrupted.factors[name])
     assert ("mi" in resumed.factors) == (model == "e2mim")
-    for name, value in pyro.get_param_store().named_parameters():
+    for name, value in program.learned_parameters().items():
         torch.testing.assert_close(value, expected[name])
 
     with pytest.raises(UserError, match="belongs to another run.*classnames"):
@@ -111,11 +110,10 @@ def test_optimizer_groups_get_their_own_optimiser(tiny_clip) -> None:
     torch.manual_seed(0)
     program = load_model_class("e2mim")(tiny_clip, CLASSES, PromptConfig())
     config = TrainConfig(epochs=2, batch_size=6, num_particles=1, lr=0.0, warmup_epochs=0)
-    pyro.clear_param_store()
     infer.make_objective(program, config)(features[0, :6], labels[:6], 24)
-    before = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+    before = program.state_dict()
     train(program, features, labels, config)
-    after = dict(pyro.get_param_store().named_parameters())
+    after = program.learned_parameters()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.startswith("critic$$$") for k in moved)
     assert "ctx_map" in before and "ctx_map" not in moved
@@ -142,7 +140,6 @@ def test_factor_history_is_each_factors_mean_per_epoch(tiny_clip) -> None:
 
 
 def test_paper_objective_keeps_factor_terms(tiny_clip) -> None:
-    pyro.clear_param_store()
     coop = load_model_class("coop")
     features, labels = separable_features(tiny_clip, per_class=2)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pyro
 import pytest
 import torch
 
@@ -39,7 +38,7 @@ def test_model_trains_and_predicts(name: str, tiny_clip) -> None:
     torch.testing.assert_close(probs.sum(-1), torch.ones(samples, len(labels)))
     if program.stochastic:
         assert probs.std(0).max() > 0  # posterior samples differ
-    params = dict(pyro.get_param_store().named_parameters())
+    params = program.learned_parameters()
     assert params and not any(k.startswith(("clip", "model.")) for k in params)
 
 
@@ -47,11 +46,11 @@ def test_new_classes_keep_learned_parameters(tiny_clip) -> None:
     program = load_model_class("vpt")(tiny_clip, CLASSES, PromptConfig())
     features, labels = separable_features(tiny_clip)
     train(program, features, labels, TrainConfig(epochs=2, batch_size=24, num_particles=2))
-    before = pyro.param("ctx").detach().clone()
+    before = program.state_dict()["ctx"]
     program.set_classes(["purple moon", "orange cross", "white ring"])
     probs = predictive_probs(program, features[0], num_samples=3)
     assert probs.shape == (3, len(labels), 3)
-    torch.testing.assert_close(pyro.param("ctx"), before)
+    torch.testing.assert_close(program.learned_parameters()["ctx"], before)
 
 
 def test_zeroshot_has_no_parameters_and_uses_the_template(tiny_clip) -> None:

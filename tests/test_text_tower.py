@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 
-import pyro
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,7 +175,6 @@ def test_open_clip_flag_is_the_checkpointing_switch() -> None:
 
 def test_evaluation_batches_shrink_with_the_budget_and_change_nothing(tiny_clip) -> None:
     program = load_model_class("coop")(tiny_clip, CLASSES, PromptConfig())
-    pyro.clear_param_store()
     features = F.normalize(torch.randn(7, tiny_clip.feature_dim,
                                        generator=torch.Generator().manual_seed(3)), dim=-1)
     program.guide(features)  # creates the parameters

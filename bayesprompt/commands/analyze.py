@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bayesprompt.analysis.posterior import posterior_samples
 from bayesprompt.analysis.report import summary_lines, write_analysis
+from bayesprompt.api import Run
 from bayesprompt.cli import run_main
 
 
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the run's)")
     parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis)")
     args = parser.parse_args(argv)
-    posterior = posterior_samples(args.run_dir, args.num_samples, domains=args.domains,
-                                  device=args.device, seed=args.seed)
+    run = Run.load(args.run_dir, args.device)
+    posterior = run.posterior(args.num_samples, domains=args.domains, seed=args.seed)
     metrics = write_analysis(posterior, args.out)
     print("\n".join(summary_lines(metrics)))
     print(f"wrote {args.out or args.run_dir / 'analysis'}")
