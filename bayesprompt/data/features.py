@@ -10,6 +10,7 @@ from one generator seeded by (seed, view), image after image, as the transform i
 them (only the image sizes are read for that); workers apply the drawn crops. So the features
 do not depend on the number of workers or their scheduling, and equal those of the serial
 implementation before the DataLoader, whose cache files stay valid.
+
 The cache key covers the backbone (its model config's content), its weights and the precision
 features are computed in, the transform, the dataset and the exact list of images. Each file
 carries the SHA-256 of its features and is checked against it and against the expected shape
