@@ -88,14 +88,18 @@ def test_loo_and_compare_rank_the_better_model_first(tmp_path) -> None:
     save_inference_data(good, tmp_path / "good.nc")
     good = load_inference_data(tmp_path / "good.nc")  # the group survives the netCDF file
 
-    loo = az.loo(good, pointwise=True)
-    direct = good.log_likelihood["y"].values[0]  # (S, N)
-    # small posterior noise: leave-one-out is close to the log of the mean likelihood
-    mean_log_lik = np.log(np.exp(direct).mean(0))
-    np.testing.assert_allclose(loo.loo_i.values, mean_log_lik, atol=0.02)
-    assert float(loo.elpd_loo) == pytest.approx(mean_log_lik.sum(), abs=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pareto k above 0.38 for a few images of 40 draws
+        loo = az.loo(good, pointwise=True)
+        table = az.compare({"poor": poor, "good": good})
+    log_lik = np.log(good.posterior_predictive["probs"].values[0, :, np.arange(60), labels]).T
+    # importance-sampling LOO computed directly: log p(y_i | y_-i) = -log mean_s 1 / p_s(y_i);
+    # with small posterior noise Pareto smoothing changes it little
+    direct = -np.log(np.exp(-log_lik).mean(0))
+    np.testing.assert_allclose(loo.loo_i.values, direct, atol=2e-3)
+    assert float(loo.elpd_loo) == pytest.approx(direct.sum(), abs=1e-2)
+    assert float(loo.elpd_loo) < np.log(np.exp(log_lik).mean(0)).sum() - 0.03  # not in-sample
 
-    table = az.compare({"poor": poor, "good": good})
     assert table.index.tolist() == ["good", "poor"]
     assert table.loc["good", "elpd_loo"] > table.loc["poor", "elpd_loo"] + 10
 
@@ -338,9 +342,9 @@ def test_a_single_batch_is_decoded_in_this_process(tiny_clip, varied_items, monk
 
     monkeypatch.setattr(DataLoader, "__init__", spy)
     encode_items(tiny_clip, varied_items, 0, 0, workers=4)  # 20 images, one batch of 64
-    encode_items(tiny_clip, varied_items, 0, 0, batch_size=8, workers=4)  # three batches
-    encode_items(tiny_clip, varied_items, 0, 0, batch_size=8)
-    assert counts == [0, 3, min(3, default_loader_workers())]
+    encode_items(tiny_clip, varied_items, 0, 0, batch_size=10, workers=4)  # two batches
+    encode_items(tiny_clip, varied_items, 0, 0, batch_size=10)
+    assert counts == [0, 2, min(2, default_loader_workers())]
 
 
 def test_loader_workers_option(run_args, capsys) -> None:
