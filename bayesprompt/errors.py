@@ -5,6 +5,11 @@ class UserError(Exception):
     """Bad input: the message says what was wrong, where we looked and what to do."""
 
 
+class RunsFailed(Exception):
+    """Some runs of a sweep failed, the others finished: the message lists the failed ones
+    and says how to resume; the command line exits with code 1."""
+
+
 class RunInterrupted(Exception):
     """Ctrl-C during a run: the message says what was kept and how to continue."""
 

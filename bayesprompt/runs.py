@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyro
@@ -31,6 +32,7 @@ from bayesprompt.data.splits import SUBSAMPLES, FewShot, few_shot, subsample_cla
 from bayesprompt.errors import RunInterrupted, UserError
 from bayesprompt.files import make_folder, read_json, write_json
 from bayesprompt.infer import (
+    OBJECTIVES,
     TrainConfig,
     load_checkpoint,
     predictive_probs,
@@ -83,43 +85,88 @@ DATASET_DEFAULTS.update({name: DatasetDefaults(10, 30, 16, 0.032, 0.5)
 FALLBACK_DEFAULTS = DatasetDefaults(10, 10)
 
 
+def option(default: Any = None, help: str = "", choices: tuple | None = None,
+           factory: Callable[[], Any] | None = None) -> Any:
+    """A RunConfig field with its command-line help (and allowed values): the one place an
+    option is declared; `bayesprompt.cli.add_config_arguments` makes the flags from these."""
+    metadata = {"help": help, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class RunConfig:
-    """Every option of a run; None means 'the dataset's or model's default'."""
+    """Every option of a run; None means 'the dataset's or model's default'.
 
-    dataset: str = "miniworld"
-    root: str = str(default_data_root())
-    model: str = "vpt_cond"
-    backbone: str = "MiniCLIP"
-    pretrained: str | None = None
-    shots: int = 16
-    seed: int = 1
-    subsample: str = "base"
-    epochs: int | None = None
-    num_particles: int | None = None
-    batch_size: int | None = None
-    objective: str = "elbo"
-    lr: float | None = None
-    views: int = 8
-    crop_min_scale: float | None = None
-    n_ctx: int = 4
-    ctx_init: str = "a photo of a"
-    kl_weight: float = 1.0
-    prior_scale: float = 1.0
-    residual_scale: float | None = None
-    options: dict = field(default_factory=dict)
-    device: str = "cpu"
-    precision: str = "fp32"
-    eval_batch_size: int = 64
-    eval_samples: int | None = None
-    eval_seed: int | None = None
-    prompt_chunk: int | None = None
-    text_memory_gb: float | None = None
-    grad_checkpointing: bool = False
-    loader_workers: int | None = None  # image-decoding processes; None: min(4, CPU cores)
-    eval_on: list[str] = field(default_factory=list)
-    cache_dir: str = str(cache_dir())
-    out: str | None = None
+    Each field is a command-line option (`--field-name`, help from its metadata) of
+    svi_train.py, a key of `--config`'s config.json and of benchmark.py's `--set`/`--variant`.
+    """
+
+    dataset: str = option("miniworld", "one of {datasets}, or a dataset folder")
+    root: str = option(str(default_data_root()), "folder holding the datasets")
+    model: str = option("vpt_cond", "one of {models}, or a model file path")
+    backbone: str = option("MiniCLIP", "open_clip model name, model-config JSON file, or "
+                           "hf-hub:org/repo (an open_clip model on the Hugging Face Hub)")
+    pretrained: str | None = option(
+        None, "open_clip pretrained tag or checkpoint file ('' for random init; default: "
+        "MiniCLIP's own weights, none for other backbones)")
+    shots: int = option(16, "images per class (0: all)")
+    seed: int = option(1, "seed of the few-shot selection, the initialisation and the SVI noise")
+    subsample: str = option("base", "train on the base half of the classes, or on all",
+                            choices=SUBSAMPLES[:2])
+    epochs: int | None = option(None, "passes over the training images (default: the "
+                                "dataset's reference value)")
+    num_particles: int | None = option(None, "Monte Carlo samples L (default: the dataset's "
+                                       "reference value)")
+    batch_size: int | None = option(None, "images per SVI step (default: the dataset's; "
+                                    "reference: 1)")
+    objective: str = option("elbo", "the loss: the ELBO, or the reference's 'paper' loss",
+                            choices=OBJECTIVES)
+    lr: float | None = option(None, "SGD learning rate (default: the dataset's; reference: "
+                              "0.002)")
+    views: int = option(8, "cached augmented views per training image (0: no augmentation)")
+    crop_min_scale: float | None = option(
+        None, "smallest random crop, fraction of the area (default: the dataset's; reference: "
+        "0.08)")
+    n_ctx: int = option(4, "context tokens of the prompt")
+    ctx_init: str = option("a photo of a", "words that initialise the context ('' for "
+                           "N(0, 0.02))")
+    kl_weight: float = option(1.0, "weight of the KL term (scales the latent sites)")
+    prior_scale: float = option(1.0, "scale of the N(0, s^2 I) prior of point-estimate "
+                                "contexts")
+    residual_scale: float | None = option(
+        None, "residual = s * r, r ~ N(0, I), in vpt models (default: the dataset's, 0.02, a "
+        "token embedding's scale; the reference: 1 with --objective paper)")
+    options: dict = option(help="a model file's own option (repeatable)", factory=dict)
+    device: str = option("cpu", "cpu or cuda[:N] (the scripts' default: cuda when present)")
+    precision: str = option("fp32", "autocast precision: fp16 or bf16 on CUDA, bf16 on CPUs "
+                            "with bf16 matrix units (the scripts' default: bf16 on CUDA and on "
+                            "such CPUs, else fp32)", choices=("fp32", "fp16", "bf16"))
+    eval_batch_size: int = option(64, "most test images per forward pass, fewer when their "
+                                  "S x C prompts exceed the text memory budget (does not change "
+                                  "the accuracy)")
+    eval_samples: int | None = option(None, "posterior draws S of the evaluation (default: "
+                                      "--num-particles)")
+    eval_seed: int | None = option(None, "seed of the evaluation's posterior draws (default: "
+                                   "--seed)")
+    prompt_chunk: int | None = option(
+        None, "prompts the text tower encodes at once (default: as many as fit "
+        "--text-memory-gb); with gradients, chunks are recomputed in backward")
+    text_memory_gb: float | None = option(
+        None, "memory budget of prompt encoding (default: a quarter of the free RAM on the "
+        "CPU, half the free GPU memory on CUDA)")
+    grad_checkpointing: bool = option(False, "recompute each text-tower layer in the backward "
+                                      "pass (less memory, more time)")
+    loader_workers: int | None = option(
+        None, "processes that decode images for the feature cache (default: min(4, CPU "
+        "cores); 0: this process); the features do not depend on it")
+    eval_on: list[str] = option(
+        help="also evaluate on these datasets, all their classes (cross-dataset transfer, "
+        "domain generalisation; use with --subsample all)", factory=list)
+    cache_dir: str = option(str(cache_dir()), "feature and few-shot cache")
+    out: str | None = option(None, "run folder (default: runs/DATASET/MODEL/"
+                             "SUBSAMPLE_shotsK_seedS)")
 
     def resolved(self) -> RunConfig:
         """A checked copy with defaults filled in (None means default; 0 is a value), paths

@@ -14,6 +14,7 @@ import pytest
 from conftest import TINY_BACKBONE
 
 import bayesprompt.commands.benchmark
+import bayesprompt.sweep
 from bayesprompt.cli import run_main
 from bayesprompt.data.offline_world import BENCHMARK_DEFAULTS
 from bayesprompt.errors import UserError
@@ -46,7 +47,7 @@ def tiny(data: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> list
     return [arg for pair in [f"root={data['root']}", f"backbone={TINY_BACKBONE}",
                              "pretrained=none", "shots=4", "epochs=1", "num_particles=2",
                              "batch_size=4", "views=2", f"cache_dir={cache}"]
-            for arg in ("--set", pair)] + ["--device", "cpu"]
+            for arg in ("--set", pair)] + ["--device", "cpu", "--executor", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_a_finished_run_is_reused_only_with_the_same_config(
     def no_training(*_, **__):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setitem(benchmark["main"].__globals__, "train_and_evaluate", no_training)
+    monkeypatch.setattr(bayesprompt.sweep, "train_and_evaluate", no_training)
     run_cli(args)
     captured = capsys.readouterr()
     assert captured.err.count("reused ") == 12
