@@ -5,10 +5,18 @@ Layout of the result (S posterior samples, N test images, C classes)::
     posterior               one variable per latent site, dims (chain, draw, *event_dims)
     posterior_predictive    y     (chain, draw, image)         sampled / predicted labels
                             probs (chain, draw, image, class)  class probabilities per sample
+    log_likelihood          y     (chain, draw, image)         log p_s(y_i | x_i) of the true label
     observed_data           y     (image,)                     true labels
 
 There is a single chain (``chain = [0]``) and ``draw = 0..S-1``. Coordinates: ``image`` (0..N-1),
 ``class`` (class names) and, when given, ``split`` as a non-index coordinate on the ``image`` dim.
+
+``log_likelihood`` is named ``y`` like the observed variable, ArviZ's convention, so that
+``az.loo(idata)`` and ``az.compare({"a": idata_a, "b": idata_b})`` find it without
+``var_name``. ``az.loo`` needs S >= 2 draws and a ``posterior`` group (zeroshot has none).
+Point-estimate models repeat one draw S times: then loo's importance weights are all equal,
+``elpd_loo`` is the test log-likelihood and ``p_loo`` is 0 (ArviZ warns about Pareto k, which
+means nothing there); see docs/ANALYSIS.md.
 
 The groups are built as plain ``xarray.Dataset`` objects and then wrapped in ArviZ's container:
 ``arviz.InferenceData`` for ArviZ < 1 and ``xarray.DataTree`` for ArviZ >= 1. We do not use
@@ -23,6 +31,7 @@ import arviz as az
 import numpy as np
 import xarray as xr
 from bayesprompt.analysis._arrays import to_numpy
+from bayesprompt.analysis.calibration import EPS
 
 from bayesprompt.files import atomic_write
 
@@ -83,7 +92,8 @@ def to_inference_data(
 
     Returns:
         ``arviz.InferenceData`` (ArviZ < 1) or ``xarray.DataTree`` (ArviZ >= 1) with groups
-        ``posterior``, ``posterior_predictive`` and ``observed_data``.
+        ``posterior``, ``posterior_predictive``, ``log_likelihood`` and ``observed_data``;
+        log-likelihoods are in float64, probabilities floored at 1e-12 as in the NLL metric.
     """
     probs = to_numpy(probs)
     predicted = to_numpy(predicted_labels)
@@ -96,6 +106,8 @@ def to_inference_data(
         )
     if len(classnames) != n_classes:
         raise ValueError(f"{len(classnames)} class names for {n_classes} classes")
+    if labels.size and not 0 <= labels.min() <= labels.max() < n_classes:
+        raise ValueError(f"labels must lie in [0, {n_classes}), got {labels.min()}..{labels.max()}")
 
     coords = {  # coordinate name -> (dim, values)
         "chain": ("chain", [0]),
@@ -131,9 +143,17 @@ def to_inference_data(
                 "probs": (SAMPLE_DIMS + ("image", "class"), probs[None]),
             }
         ),
+        "log_likelihood": dataset(
+            {"y": (SAMPLE_DIMS + ("image",), log_likelihood(probs, labels)[None])}),
         "observed_data": dataset({"y": (("image",), labels)}),
     }
     return _container(groups)
+
+
+def log_likelihood(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(S, N, C) probabilities and (N,) labels -> (S, N) ``log probs[s, i, labels[i]]``."""
+    true_probs = np.take_along_axis(probs, labels[None, :, None].astype(np.int64), -1)[..., 0]
+    return np.log(np.maximum(true_probs.astype(np.float64), EPS))
 
 
 #: HDF5 bookkeeping added to the data's own bytes when checking the free space.

@@ -229,7 +229,8 @@ def posterior_samples(run: Run | str | Path, num_samples: int | None = None,
     samples = {}
     with seeded(seed):  # the sampled labels; the caller's RNG states are kept
         for name, dataset in chosen.items():
-            features = cached_features(clip, dataset.test, [0], cache)[0].to(clip.device)
+            features = cached_features(clip, dataset.test, [0], cache,
+                                       workers=config.loader_workers)[0].to(clip.device)
             samples[name] = sample_split(program, name, dataset, features, num_samples,
                                          global_latents, seed, config.eval_batch_size)
     program.set_classes(classnames)

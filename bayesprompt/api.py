@@ -99,7 +99,8 @@ class Run:
         """Image features (N, D) and labels (N,) of a split's test images (cached on disk)."""
         dataset = self.dataset(split)
         cache = Path(self.config.cache_dir).expanduser() / "features"
-        features = cached_features(self.clip, dataset.test, [0], cache)[0]
+        features = cached_features(self.clip, dataset.test, [0], cache,
+                                   workers=self.config.loader_workers)[0]
         return features.to(self.clip.device), torch.tensor([i.label for i in dataset.test])
 
     @torch.no_grad()

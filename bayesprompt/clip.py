@@ -1,8 +1,9 @@
 """A frozen open_clip model as a likelihood: encode images once, encode prompt embeddings often.
 
 `load_clip` is the one entry point, in the manner of open_clip's factory: a model name (or an
-open_clip model-config JSON file) plus a `pretrained` tag or checkpoint file gives a ready,
-frozen `FrozenCLIP` on the chosen device and precision, or a `UserError` that says what to do.
+open_clip model-config JSON file) plus a `pretrained` tag or checkpoint file, or an
+`hf-hub:org/repo` name (config and weights from the Hugging Face Hub), gives a ready, frozen
+`FrozenCLIP` on the chosen device and precision, or a `UserError` that says what to do.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.factory import load_state_dict
+from open_clip.factory import HF_HUB_PREFIX, load_state_dict
 from open_clip.model import CLIP
 from open_clip.transformer import TextTransformer
 from torch import nn
@@ -38,14 +39,23 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 EMBEDDED_WEIGHTS: dict[str, Callable[[], Path]] = {MINICLIP: ensure_miniclip}
 
 
+#: open_clip's resize modes of the test transform that `data.features.image_transform` restates.
+RESIZE_MODES = ("shortest", "longest", "squash")
+
+
 @dataclass(frozen=True)
 class ImageStats:
-    """What the image tower expects: square size and normalisation."""
+    """What the image tower expects: square size, normalisation and the test-time resize.
+
+    `resize_mode` is open_clip's: 'shortest' (resize the short side, centre crop), 'longest'
+    (resize the long side, pad), 'squash' (resize to the square, ignoring the aspect ratio).
+    """
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
+    resize_mode: str = "shortest"
 
 
 class FrozenCLIP(nn.Module):
@@ -186,7 +196,15 @@ MODEL_CONFIG_HELP = ("an open_clip model config: a JSON object with 'embed_dim' 
 
 
 def _model_name(backbone: str) -> str:
-    """Register a model-config JSON file with open_clip and return its name; else `backbone`."""
+    """Register a model-config JSON file with open_clip and return its name; else `backbone`.
+
+    `hf-hub:org/repo` names are returned unchanged: open_clip reads them from the Hub.
+    """
+    if backbone.startswith(HF_HUB_PREFIX):
+        if not backbone[len(HF_HUB_PREFIX):].strip("/"):
+            raise UserError(f"'{backbone}' names no repository: write hf-hub:org/repo, e.g. "
+                            "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K.")
+        return backbone
     if backbone.endswith(".json"):
         path = Path(backbone)
         if not path.is_file():
@@ -221,10 +239,52 @@ def _check_model_config(config: dict, path: Path) -> None:
                         f"it should be {MODEL_CONFIG_HELP}.")
 
 
-def config_digest(name: str) -> str:
-    """A short hash of the content of the model config open_clip builds `name` from."""
-    config = open_clip.get_model_config(name)
+def config_digest(name: str, config: dict | None = None) -> str:
+    """A short hash of the content of the model config open_clip builds `name` from.
+
+    `config` is given for Hub models, whose config `load_clip` has already read.
+    """
+    config = open_clip.get_model_config(name) if config is None else config
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """An `hf-hub:` backbone found in the local Hugging Face cache (or downloaded into it)."""
+
+    config: dict  # open_clip's model_cfg
+    revision: str  # the snapshot (commit) folder holding the files
+
+
+def _hub_model(name: str, cache_dir: str | None) -> HubModel:
+    """Config and weights of an `hf-hub:` backbone, fetched as open_clip fetches them.
+
+    open_clip itself only warns when the weights cannot be fetched and goes on with a random
+    init; here a missing file is a UserError that says what was tried and what to do.
+    """
+    repo = name[len(HF_HUB_PREFIX):]
+    try:
+        config_file = open_clip.pretrained.download_pretrained_from_hf(
+            repo, filename="open_clip_config.json", cache_dir=cache_dir)
+        open_clip.pretrained.download_pretrained_from_hf(repo, cache_dir=cache_dir)
+    except (OSError, RuntimeError, ValueError) as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        why = ("HF_HUB_OFFLINE is set, so the Hub was not asked" if offline else
+               "the Hub is unreachable, or the repository is unknown or not an open_clip model")
+        raise UserError(
+            f"Could not load the backbone {name}: open_clip looked for its "
+            "open_clip_config.json and weights (open_clip_model.safetensors or "
+            "open_clip_pytorch_model.bin) in the Hugging Face cache "
+            f"({cache_dir or '$HF_HOME, default ~/.cache/huggingface'}) and then on the Hub, "
+            f"and found them in neither: {why} ({first_line(error)}). Download the model once "
+            "where the Hub is reachable (HF_HUB_OFFLINE=0, the same --backbone), or pass a "
+            "local model config and checkpoint: --backbone config.json --pretrained weights.bin."
+        ) from None
+    config = read_json(Path(config_file), "open_clip's open_clip_config.json of a Hub model")
+    if not isinstance(config.get("model_cfg"), dict):
+        raise UserError(f"The open_clip_config.json of {name} ({config_file}) has no "
+                        "'model_cfg' object: the repository is not an open_clip model.")
+    return HubModel(config["model_cfg"], Path(config_file).parent.name)
 
 
 def _check_pretrained(name: str, pretrained: str) -> None:
@@ -257,14 +317,23 @@ def load_clip(backbone: str, pretrained: str | None = None, device: str = "cpu",
             "bf16 matrix units) or fp32."
         )
     name = _model_name(backbone)
-    if pretrained is None and name in EMBEDDED_WEIGHTS:
+    hub = None
+    if name.startswith(HF_HUB_PREFIX):
+        if pretrained:
+            raise UserError(
+                f"--pretrained {pretrained} cannot be combined with --backbone {name}: an "
+                "hf-hub: backbone brings its own weights from the Hub repository. Leave out "
+                "--pretrained, or give an open_clip model name or config JSON with --pretrained."
+            )
+        hub = _hub_model(name, cache_dir)
+    elif pretrained is None and name in EMBEDDED_WEIGHTS:
         pretrained = str(EMBEDDED_WEIGHTS[name]())
     if pretrained:
         _check_pretrained(name, pretrained)
-    else:
+    elif hub is None:
         logging.warning("%s has random weights: zero-shot accuracy will be at chance.", name)
     try:
-        model, preprocess = _create_model(name, pretrained, device, cache_dir)
+        model = _create_model(name, pretrained, device, cache_dir)
     except (*CHECKPOINT_ERRORS, TypeError) as error:
         if pretrained and not os.path.isfile(pretrained):
             raise UserError(
@@ -275,10 +344,13 @@ def load_clip(backbone: str, pretrained: str | None = None, device: str = "cpu",
             ) from None
         raise UserError(_load_problem(name, pretrained, device, error)) from None
     _causal_text_tower(model, name)  # before the tokenizer, which may need other packages
-    stats = _image_stats(preprocess)
-    identity = f"{name}:{config_digest(name)}:{_weights_identity(pretrained)}"
-    clip = FrozenCLIP(model, identity, stats, open_clip.get_tokenizer(name), precision,
-                      text_budget)
+    stats = image_stats(model, name)
+    if hub is None:
+        identity = f"{name}:{config_digest(name)}:{_weights_identity(pretrained)}"
+    else:
+        identity = f"{name}:{config_digest(name, hub.config)}:hf-hub@{hub.revision}"
+    tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    clip = FrozenCLIP(model, identity, stats, tokenizer, precision, text_budget)
     clip.set_grad_checkpointing(grad_checkpointing)
     return clip
 
@@ -289,20 +361,20 @@ CHECKPOINT_ERRORS = (RuntimeError, OSError, ValueError, KeyError, EOFError, Attr
 
 
 def _create_model(name: str, pretrained: str | None, device: str, cache_dir: str | None
-                  ) -> tuple[nn.Module, Callable]:
-    """open_clip's model and validation transform; a random init is seeded (same everywhere)."""
+                  ) -> nn.Module:
+    """open_clip's model (`hf-hub:` names as they are); a random init is seeded (same everywhere).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained or None, device=device, cache_dir=cache_dir)
-    return model, preprocess
+        return open_clip.create_model(name, pretrained=pretrained or None, device=device,
+                                      cache_dir=cache_dir)
 
 
 def _load_problem(name: str, pretrained: str | None, device: str, error: Exception) -> str:
     """Why building `name` with the weights file `pretrained` failed: config or checkpoint."""
     if pretrained:
         try:
-            model, _ = _create_model(name, None, device, None)
+            model = _create_model(name, None, device, None)
         except (*CHECKPOINT_ERRORS, TypeError):
             pass  # the config itself does not build
         else:
@@ -347,13 +419,23 @@ def _weights_identity(pretrained: str | None) -> str:
     return pretrained
 
 
-def _image_stats(preprocess: Callable) -> ImageStats:
-    """Size, mean, std and interpolation from open_clip's validation transform."""
-    steps = list(getattr(preprocess, "transforms", [preprocess]))
-    size = next(step.size for step in steps if type(step).__name__ == "CenterCrop")
-    normalize = next(step for step in steps if type(step).__name__ == "Normalize")
-    resize = next((step for step in steps if type(step).__name__ == "Resize"), None)
-    interpolation = resize.interpolation.value if resize is not None else "bicubic"
-    size = size[0] if isinstance(size, list | tuple) else size
-    return ImageStats(int(size), tuple(normalize.mean), tuple(normalize.std), interpolation)
+def image_stats(model: nn.Module, name: str) -> ImageStats:
+    """Size, mean, std, interpolation and resize mode from open_clip's preprocess config.
+
+    `open_clip.get_model_preprocess_cfg` holds what the model's config, its pretrained tag or
+    its Hub repository set (open_clip's defaults otherwise: OpenAI mean and std, bicubic,
+    'shortest'). Non-square inputs are refused.
+    """
+    config = open_clip.get_model_preprocess_cfg(model)
+    size = config["size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    resize_mode = config.get("resize_mode", "shortest")
+    if height != width or resize_mode not in RESIZE_MODES:
+        raise UserError(
+            f"{name} expects {height}x{width} images resized with '{resize_mode}': bayesprompt "
+            f"supports square inputs resized with one of {', '.join(RESIZE_MODES)}. Choose "
+            "another backbone, or a model config with a square image_size."
+        )
+    return ImageStats(int(height), tuple(config["mean"]), tuple(config["std"]),
+                      config.get("interpolation", "bicubic"), resize_mode)
 

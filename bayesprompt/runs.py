@@ -49,8 +49,8 @@ from bayesprompt.training_log import TrainingLog, check_tensorboard, write_loss_
 MODELS_DIR = Path(bayesprompt.models.__file__).resolve().parent
 #: Options that change how fast and in how much memory a run goes, not its results: a run may
 #: be resumed with other values.
-EXECUTION_OPTIONS = ("prompt_chunk", "text_memory_gb", "grad_checkpointing", "log_every",
-                     "tensorboard")
+EXECUTION_OPTIONS = ("prompt_chunk", "text_memory_gb", "grad_checkpointing", "loader_workers",
+                     "log_every", "tensorboard")
 
 @dataclass(frozen=True)
 class DatasetDefaults:
@@ -110,7 +110,8 @@ class RunConfig:
     dataset: str = option("miniworld", "one of {datasets}, or a dataset folder")
     root: str = option(str(default_data_root()), "folder holding the datasets")
     model: str = option("vpt_cond", "one of {models}, or a model file path")
-    backbone: str = option("MiniCLIP", "open_clip model name or model-config JSON file")
+    backbone: str = option("MiniCLIP", "open_clip model name, model-config JSON file, or "
+                           "hf-hub:org/repo (an open_clip model on the Hugging Face Hub)")
     pretrained: str | None = option(
         None, "open_clip pretrained tag or checkpoint file ('' for random init; default: "
         "MiniCLIP's own weights, none for other backbones)")
@@ -161,6 +162,9 @@ class RunConfig:
         "CPU, half the free GPU memory on CUDA)")
     grad_checkpointing: bool = option(False, "recompute each text-tower layer in the backward "
                                       "pass (less memory, more time)")
+    loader_workers: int | None = option(
+        None, "processes that decode images for the feature cache (default: min(4, CPU "
+        "cores); 0: this process); the features do not depend on it")
     log_every: int = option(50, "a metrics.jsonl row every N SVI steps (0: one per epoch "
                             "only)")
     tensorboard: bool = option(False, "also write TensorBoard events into RUN/tensorboard "
@@ -231,6 +235,9 @@ def check_numbers(config: RunConfig) -> None:
          "0 (a row per epoch only) or more"),
         ("--lr", config.lr, finite(config.lr) and config.lr > 0, "a positive finite number"),
         ("--views", config.views, config.views >= 0, "0 (no augmentation) or more"),
+        ("--loader-workers", config.loader_workers,
+         config.loader_workers is None or config.loader_workers >= 0,
+         "0 (decode in this process) or more"),
         ("--n-ctx", config.n_ctx, config.n_ctx >= 1, "1 or more"),
         ("--crop-min-scale", config.crop_min_scale, 0 < config.crop_min_scale <= 1,
          "a fraction in (0, 1]"),
@@ -328,7 +335,8 @@ def evaluate(program: PromptModel, clip: FrozenCLIP, dataset: Dataset, config: R
     """
     program.set_classes(dataset.classnames)
     cache = Path(config.cache_dir).expanduser() / "features"
-    features = cached_features(clip, dataset.test, [0], cache)[0].to(clip.device)
+    features = cached_features(clip, dataset.test, [0], cache,
+                               workers=config.loader_workers)[0].to(clip.device)
     labels = torch.tensor([item.label for item in dataset.test])
     probs = predictive_probs(program, features, config.eval_samples, config.eval_batch_size,
                              config.eval_seed, shared).cpu()
@@ -415,7 +423,7 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
     views = list(range(1, config.views + 1)) if config.views > 0 else [0]
     with distributed.main_process_first():
         features = cached_features(clip, base.train, views, cache, config.seed,
-                                   config.crop_min_scale).to(clip.device)
+                                   config.crop_min_scale, config.loader_workers).to(clip.device)
     if distributed.is_main_process():  # only now: bad input leaves no half-made run
         make_folder(out)
         write_json(out / "config.json", asdict(config))

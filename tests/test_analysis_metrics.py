@@ -198,7 +198,9 @@ def test_inference_data_round_trips_through_netcdf(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["idata.nc"]  # no temp file left
     back = load_inference_data(path)
 
-    assert all(g in back for g in ("posterior", "posterior_predictive", "observed_data"))
+    assert all(g in back for g in ("posterior", "posterior_predictive", "log_likelihood",
+                                   "observed_data"))
+    np.testing.assert_array_equal(back.log_likelihood["y"].values, idata.log_likelihood["y"].values)
     assert back.posterior["r"].dims == ("chain", "draw", "image", "ctx_dim")
     assert back.posterior["ctx"].dims == ("chain", "draw", "ctx_dim_0", "ctx_dim_1")
     assert back.posterior_predictive["probs"].dims == ("chain", "draw", "image", "class")

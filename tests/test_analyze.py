@@ -6,8 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import arviz as az
+import numpy as np
 import pytest
 import torch
 import xarray as xr
@@ -67,6 +70,25 @@ def test_inference_data_groups_dims_and_coords(analyzed: dict[str, Path]) -> Non
     base = load_inference_data(folder / "posterior_base.nc").posterior_predictive["class"]
     new = load_inference_data(folder / "posterior_new.nc").posterior_predictive["class"]
     assert not set(base.values) & set(new.values)
+
+
+def test_runs_compare_with_loo(analyzed: dict[str, Path]) -> None:
+    """The log_likelihood group of analyze.py's files: log p_s(y_i | x_i), found by az.loo."""
+    runs = {model: load_inference_data(folder / "posterior_new.nc")
+            for model, folder in analyzed.items()}
+    for idata in runs.values():
+        probs = idata.posterior_predictive["probs"].values
+        labels = idata.observed_data["y"].values
+        true_probs = probs[:, :, np.arange(len(labels)), labels]
+        np.testing.assert_allclose(idata.log_likelihood["y"].values, np.log(true_probs),
+                                   rtol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pareto k of 6 draws, and coop's equal weights
+        table = az.compare(runs)
+        coop = az.loo(runs["coop"])
+    assert set(table.index) == {"vpt_cond", "coop"}
+    coop_log_likelihood = runs["coop"].log_likelihood["y"].isel(chain=0, draw=0).sum()
+    assert float(coop.elpd_loo) == pytest.approx(float(coop_log_likelihood), rel=1e-6)
 
 
 def test_metrics_and_figures(analyzed: dict[str, Path]) -> None:
