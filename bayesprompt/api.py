@@ -31,6 +31,7 @@ from bayesprompt.files import read_json
 from bayesprompt.infer import posterior_draws, predictive_probs
 from bayesprompt.prompt_model import PromptModel
 from bayesprompt.runs import RunConfig, load_run, train_and_evaluate
+from bayesprompt.training_log import read_rows
 
 if TYPE_CHECKING:  # the analysis package imports ArviZ (seconds): only when asked for
     from bayesprompt.analysis.posterior import RunPosterior
@@ -74,6 +75,11 @@ class Run:
                             "Resume it (svi_train.py --out FOLDER --resume, or "
                             "bayesprompt.fit(..., out=FOLDER, resume=True)).")
         return read_json(path, RESULTS_FILE)
+
+    @property
+    def metrics(self) -> list[dict]:
+        """The rows of metrics.jsonl, the training log (README, "Training logs")."""
+        return read_rows(self.folder / "metrics.jsonl")
 
     @property
     def classnames(self) -> list[str]:

@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pyro
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -94,12 +93,12 @@ class OurStep:
         self.features = F.normalize(torch.randn(batch_size, clip.feature_dim,
                                                 device=clip.device), dim=-1)
         self.labels = torch.zeros(batch_size, dtype=torch.long, device=clip.device)
-        pyro.clear_param_store()
+        program.clear_parameters()
         self.objective = make_objective(program, TrainConfig(num_particles=num_particles,
                                                              objective=objective))
-        self.objective(self.features, self.labels, 80)
-        self.optimizer = torch.optim.SGD(
-            [p for _, p in pyro.get_param_store().named_parameters()], lr=0.002, momentum=0.9)
+        self.objective(self.features, self.labels, 80)  # creates the program's parameters
+        self.optimizer = torch.optim.SGD(program.learned_parameters().values(), lr=0.002,
+                                         momentum=0.9)
         self.prompt_tokens = 0
         self.prompts = 0
 

@@ -38,6 +38,9 @@ def test_fit_writes_the_run_folder_and_returns_its_results(runs) -> None:
     assert run.results == json.loads((run.folder / "results.json").read_text())
     assert run.config.model == "vpt" and run.new is not None
     assert run.classnames == run.base.classnames
+    epochs = [row for row in run.metrics if row["kind"] == "epoch"]
+    assert [row["epoch"] for row in epochs] == [1, 2]
+    assert [row["loss"] for row in epochs] == pytest.approx(run.results["loss_history"])
 
 
 @pytest.mark.parametrize("model", ["vpt", "vpt_cond", "coop"])
