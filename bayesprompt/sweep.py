@@ -189,6 +189,10 @@ def run_sweep(configs: list[RunConfig], folder: Path, options: SweepOptions,
                 progress.set_postfix_str(Path(outcome.config.out).name)
                 record(outcome, run_job(outcome.config), None)
                 progress.update()
+    except (KeyboardInterrupt, RunInterrupted):
+        raise RunInterrupted(
+            "Interrupted. Finished runs are kept; run the same command again to go on (an "
+            "interrupted run resumes from its last finished epoch).") from None
     finally:
         progress.close()
     return outcomes

@@ -249,3 +249,14 @@ def test_a_sweep_can_vary_every_field(item) -> None:
         text = value = item.metadata["choices"][-1]
     axes = benchmark["grid_axes"]([f"{item.name}={text}"])
     assert axes == {item.name: [value]}
+
+
+def test_ctrl_c_in_a_sequential_sweep_says_how_to_go_on(tmp_path, monkeypatch) -> None:
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bayesprompt.sweep, "run_job", interrupted)
+    config = RunConfig(out=str(tmp_path / "run")).resolved()
+    options = bayesprompt.sweep.SweepOptions(executor="none")
+    with pytest.raises(bayesprompt.sweep.RunInterrupted, match="run the same command again"):
+        bayesprompt.sweep.run_sweep([config], tmp_path, options, print)
