@@ -135,6 +135,15 @@ def test_a_finished_run_is_reused_only_with_the_same_config(
     assert captured.err.count("reused ") == 12
     assert read(out / "table.json")["entries"] == json.loads(before)["entries"]
 
+    run_cli([*args, "--set", "loader_workers=1", "--set", "log_every=7"])  # execution options
+    assert capsys.readouterr().err.count("reused ") == 12
+    config = out / "eurosat" / "vpt" / "seed1" / "config.json"
+    older = json.loads(config.read_text())
+    del older["kl_weight"], older["tensorboard"]  # options a run of an older version lacks
+    config.write_text(json.dumps(older))
+    run_cli(args)
+    assert capsys.readouterr().err.count("reused ") == 12
+
     with pytest.raises(SystemExit) as exit_info:  # another option: refused, names the key
         run_cli([*args, "--set", "epochs=2"])
     assert exit_info.value.code == 2
