@@ -4,6 +4,7 @@ scripts included, and the installed package working away from the source tree.""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,8 +18,11 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("wheel")
+    source = folder / "source"  # setuptools builds in the tree: keep build/ out of the repo
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "runs", "build", "*.egg-info", "__pycache__", ".*_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--wheel-dir", str(folder), str(REPO)],
+                    "--no-build-isolation", "--wheel-dir", str(folder), str(source)],
                    check=True, capture_output=True)
     (path,) = folder.glob("bayesprompt-*.whl")
     return path
