@@ -24,7 +24,8 @@ import shutil
 import subprocess
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -226,9 +227,7 @@ def run_local(todo: list[Outcome], folder: Path, options: SweepOptions, progress
     workers = options.workers or (len(gpus) if pinned else 1)
     threads = max(1, cpu_cores() // workers)
     executor = submitit.LocalExecutor(folder=folder)
-    executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN,
-                               setup=[f"export OMP_NUM_THREADS={threads}",
-                                      f"export MKL_NUM_THREADS={threads}"])
+    executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
     waiting = list(todo)
     running: dict = {}  # job -> (outcome, gpu)
     try:
@@ -242,7 +241,8 @@ def run_local(todo: list[Outcome], folder: Path, options: SweepOptions, progress
                     executor.update_parameters(gpus_per_node=1, visible_gpus=[gpu])
                 else:
                     executor.update_parameters(gpus_per_node=len(gpus), visible_gpus=gpus)
-                running[executor.submit(run_job, outcome.config)] = (outcome, gpu)
+                with environment(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)):
+                    running[executor.submit(run_job, outcome.config)] = (outcome, gpu)
             time.sleep(POLL_SECONDS)
             for job in [job for job in running if job.done()]:
                 outcome, _ = running.pop(job)
@@ -252,6 +252,23 @@ def run_local(todo: list[Outcome], folder: Path, options: SweepOptions, progress
         for job in running:
             job.cancel(check=False)
         raise
+
+
+@contextmanager
+def environment(**variables: str) -> Iterator[None]:
+    """Environment variables set for a block (a local job inherits them when submitted).
+    Not submitit's `setup` lines: they put a shell between the job and the signal with which
+    `job.cancel` stops it, so a cancelled job would go on running."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def job_answer(job) -> dict:
