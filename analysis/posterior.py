@@ -37,13 +37,12 @@ from tqdm.auto import tqdm
 from bayesprompt.api import Run
 from bayesprompt.clip import FrozenCLIP
 from bayesprompt.data.datasets import Dataset, load_dataset
-from bayesprompt.data.features import cached_features
 from bayesprompt.data.splits import subsample_classes
 from bayesprompt.errors import UserError
 from bayesprompt.infer import batch_bounds, posterior_draws, replay_model, seeded
 from bayesprompt.prompt_model import PromptModel
 from bayesprompt.prompts import prompt_classname
-from bayesprompt.runs import RunConfig
+from bayesprompt.runs import RunConfig, test_features
 
 #: Per-image text features (S, M, C, D) are kept for the first M images of a split only.
 MAX_TEXT_IMAGES = 32
@@ -224,13 +223,11 @@ def posterior_samples(run: Run | str | Path, num_samples: int | None = None,
     num_samples = config.eval_samples if num_samples is None else num_samples
     seed = config.eval_seed if seed is None else seed
     classnames = program.classnames
-    cache = Path(config.cache_dir).expanduser() / "features"
     global_latents: dict[str, torch.Tensor] = {}
     samples = {}
     with seeded(seed):  # the sampled labels; the caller's RNG states are kept
         for name, dataset in chosen.items():
-            features = cached_features(clip, dataset.test, [0], cache,
-                                       workers=config.loader_workers)[0].to(clip.device)
+            features, _ = test_features(clip, dataset, config)
             samples[name] = sample_split(program, name, dataset, features, num_samples,
                                          global_latents, seed, config.eval_batch_size)
     program.set_classes(classnames)

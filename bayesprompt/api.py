@@ -25,12 +25,12 @@ from PIL import Image
 from bayesprompt.cli import default_device, default_precision
 from bayesprompt.clip import FrozenCLIP
 from bayesprompt.data.datasets import Dataset, load_dataset
-from bayesprompt.data.features import cached_features, image_transform, load_image
+from bayesprompt.data.features import image_transform, load_image
 from bayesprompt.errors import UserError
 from bayesprompt.files import read_json
 from bayesprompt.infer import posterior_draws, predictive_probs
 from bayesprompt.prompt_model import PromptModel
-from bayesprompt.runs import RunConfig, load_run, train_and_evaluate
+from bayesprompt.runs import RunConfig, load_run, test_features, train_and_evaluate
 from bayesprompt.training_log import read_rows
 
 if TYPE_CHECKING:  # the analysis package imports ArviZ (seconds): only when asked for
@@ -103,11 +103,7 @@ class Run:
 
     def test_features(self, split: str = "base") -> tuple[torch.Tensor, torch.Tensor]:
         """Image features (N, D) and labels (N,) of a split's test images (cached on disk)."""
-        dataset = self.dataset(split)
-        cache = Path(self.config.cache_dir).expanduser() / "features"
-        features = cached_features(self.clip, dataset.test, [0], cache,
-                                   workers=self.config.loader_workers)[0]
-        return features.to(self.clip.device), torch.tensor([i.label for i in dataset.test])
+        return test_features(self.clip, self.dataset(split), self.config)
 
     @torch.no_grad()
     def image_features(self, images: Sequence[str | Path | Image.Image],

@@ -325,6 +325,15 @@ def harmonic_mean(base: float, new: float) -> float:
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
+def test_features(clip: FrozenCLIP, dataset: Dataset, config: RunConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image features (N, D) of a dataset's test images on the CLIP's device (from the run's
+    feature cache) and their labels (N,)."""
+    cache = Path(config.cache_dir).expanduser() / "features"
+    features = cached_features(clip, dataset.test, [0], cache, workers=config.loader_workers)[0]
+    return features.to(clip.device), torch.tensor([item.label for item in dataset.test])
+
+
 def evaluate(program: PromptModel, clip: FrozenCLIP, dataset: Dataset, config: RunConfig,
              shared: dict[str, torch.Tensor] | None = None
              ) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -334,10 +343,7 @@ def evaluate(program: PromptModel, clip: FrozenCLIP, dataset: Dataset, config: R
     `shared` dict to every split of one evaluation so that they share the global draws.
     """
     program.set_classes(dataset.classnames)
-    cache = Path(config.cache_dir).expanduser() / "features"
-    features = cached_features(clip, dataset.test, [0], cache,
-                               workers=config.loader_workers)[0].to(clip.device)
-    labels = torch.tensor([item.label for item in dataset.test])
+    features, labels = test_features(clip, dataset, config)
     probs = predictive_probs(program, features, config.eval_samples, config.eval_batch_size,
                              config.eval_seed, shared).cpu()
     return accuracy(probs, labels), probs, labels
