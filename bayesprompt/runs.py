@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
 import time
 from collections.abc import Callable
@@ -380,19 +381,28 @@ def holds_run(out: Path) -> bool:
                                                   "results.json"))
 
 
+def changed_options(saved: dict, config: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """name -> (value in `saved`, value in `config`) of every option in which a run folder's
+    config.json differs from `config`. `out` (spelled differently, or the folder moved) and the
+    EXECUTION_OPTIONS do not count; an option a run of an older version did not record counts
+    as its default."""
+    requested = json.loads(json.dumps(asdict(config)))
+    defaults = json.loads(json.dumps(asdict(RunConfig())))
+    values = {k: (saved.get(k, defaults.get(k)), requested.get(k))
+              for k in sorted(saved.keys() | requested.keys())
+              if k not in ("out", *EXECUTION_OPTIONS)}
+    return {k: pair for k, pair in values.items() if pair[0] != pair[1]}
+
+
 def check_resume(config: RunConfig, out: Path) -> None:
-    """A run folder is resumed only with the options it was started with (`out` aside, which
-    may be spelled differently or the folder moved, and the EXECUTION_OPTIONS)."""
+    """A run folder is resumed only with the options it was started with (`changed_options`)."""
     config_file = out / "config.json"
     if not config_file.is_file():
         return
-    saved = read_json(config_file, RUN_CONFIG_FILE)
-    requested = asdict(config)
-    changed = sorted(k for k in {*saved, *requested} - {"out", *EXECUTION_OPTIONS}
-                     if saved.get(k) != requested.get(k))
+    changed = changed_options(read_json(config_file, RUN_CONFIG_FILE), config)
     if changed:
-        details = "; ".join(f"{k}: run has {saved.get(k)!r}, now {requested.get(k)!r}"
-                            for k in changed)
+        details = "; ".join(f"{k}: run has {there!r}, now {now!r}"
+                            for k, (there, now) in changed.items())
         raise UserError(f"--resume with other options than the run in {out} ({details}). "
                         "Resume with the run's options, or start a new run with another --out.")
 

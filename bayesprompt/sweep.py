@@ -26,7 +26,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from bayesprompt.errors import RunInterrupted, UserError
 from bayesprompt.files import read_json, write_json
-from bayesprompt.runs import EXECUTION_OPTIONS, RunConfig, train_and_evaluate
+from bayesprompt.runs import RunConfig, changed_options, train_and_evaluate
 
 EXECUTORS = ("local", "slurm", "none")
 #: Seconds between two looks at the running local jobs.
@@ -128,20 +128,14 @@ def read_record(path: Path) -> dict:
 def reusable_results(config: RunConfig, say: Callable[[str], None]) -> dict | None:
     """The results of a finished run of `config` (resolved) in its folder, or None when it is
     to be run: absent, or started and to be resumed from its checkpoint. A folder holding a
-    run with other options is a UserError, and so is a damaged record. Every option counts
-    but `out` (a moved sweep folder is reused) and the EXECUTION_OPTIONS (speed and logging);
-    an option a run of an older version did not record counts as its default."""
+    run with other options (`runs.changed_options`: a moved sweep folder is reused) is a
+    UserError, and so is a damaged record."""
     out = Path(config.out)
-    requested = json.loads(json.dumps(asdict(config)))
-    defaults = json.loads(json.dumps(asdict(RunConfig())))  # of options older runs lack
     if (out / "config.json").is_file():
-        saved = read_record(out / "config.json")
-        changed = sorted(k for k in saved.keys() | requested.keys()
-                         if k not in ("out", *EXECUTION_OPTIONS)
-                         and saved.get(k, defaults.get(k)) != requested.get(k))
+        changed = changed_options(read_record(out / "config.json"), config)
         if changed:
-            details = "; ".join(f"{k}: {saved.get(k)!r} there, {requested.get(k)!r} now"
-                                for k in changed)
+            details = "; ".join(f"{k}: {there!r} there, {now!r} now"
+                                for k, (there, now) in changed.items())
             raise UserError(
                 f"{out} holds a run with other options ({details}). It is neither reused nor "
                 "overwritten: delete that folder to re-run it, or pass another --out.")
