@@ -11,13 +11,10 @@ from bayesprompt.analysis.inference_data import (
     save_inference_data,
     to_inference_data,
 )
-from bayesprompt.analysis.templates import IMAGENET_TEMPLATES
-from bayesprompt.analysis.uncertainty import (
-    aurc,
-    selective_risk,
-    separation_auroc,
-    uncertainty_decomposition,
-)
+from bayesprompt.analysis.uncertainty import separation_auroc, uncertainty_decomposition
+
+from bayesprompt.metrics import aurc, selective_risk
+from bayesprompt.program.templates import IMAGENET_TEMPLATES
 
 __all__ = [
     "IMAGENET_TEMPLATES",

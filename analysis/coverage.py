@@ -21,8 +21,9 @@ anisotropic case of the tests (axis scales 3 : 2).
 from typing import Any
 
 import numpy as np
-from bayesprompt.analysis._arrays import to_numpy
 from scipy.stats import chi2
+
+from bayesprompt.metrics import to_numpy
 
 
 def _per_class_samples(text_features: Any) -> np.ndarray:

@@ -30,10 +30,9 @@ from typing import Any
 import arviz as az
 import numpy as np
 import xarray as xr
-from bayesprompt.analysis._arrays import to_numpy
-from bayesprompt.analysis.calibration import EPS
 
 from bayesprompt.files import atomic_write
+from bayesprompt.metrics import EPS, to_numpy
 
 ARVIZ_1 = int(az.__version__.split(".")[0]) >= 1
 """True for the DataTree-based ArviZ 1.x; the only place the two ArviZ APIs are told apart."""

@@ -13,34 +13,12 @@ from typing import Any
 import arviz as az
 import matplotlib
 import numpy as np
-from bayesprompt.analysis._arrays import to_numpy
 from bayesprompt.analysis.inference_data import ARVIZ_1
-from bayesprompt.analysis.uncertainty import aurc, selective_risk
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.legend import Legend
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
-from bayesprompt.files import atomic_write
-
-DPI = 150
-
-
-def _figure(**kwargs: Any) -> Figure:
-    """A pyplot-free figure on the Agg canvas."""
-    fig = Figure(**kwargs)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: str | os.PathLike) -> None:
-    """Save ``fig`` as PNG atomically, creating the folder. Every legend counts for the tight
-    bounding box (by default a legend kept with ``ax.add_artist`` beside the axes is cut off)."""
-    legends = [legend for ax in fig.axes for legend in ax.findobj(Legend)]
-    extra = fig.get_default_bbox_extra_artists() + legends
-    atomic_write(path, lambda temporary: fig.savefig(
-        temporary, format="png", dpi=DPI, bbox_inches="tight", bbox_extra_artists=extra))
+from bayesprompt.figures import DPI, new_figure, save_figure
+from bayesprompt.metrics import aurc, selective_risk, to_numpy
 
 
 def plot_reliability_diagram(
@@ -54,7 +32,7 @@ def plot_reliability_diagram(
         path: PNG file to write.
     """
     names = list(report)
-    fig = _figure(figsize=(3.6 * len(names), 4.6), layout="tight")
+    fig = new_figure(figsize=(3.6 * len(names), 4.6), layout="tight")
     axes = fig.subplots(
         2, len(names), squeeze=False, gridspec_kw={"height_ratios": [3, 1]}, sharex=True
     )
@@ -81,7 +59,7 @@ def plot_reliability_diagram(
             top.set_ylabel("accuracy")
             bottom.set_ylabel("images (log)")
             top.legend(loc="upper left", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_uncertainty_histograms(
@@ -101,7 +79,7 @@ def plot_uncertainty_histograms(
         bins: number of histogram bins, shared by the groups of a panel.
     """
     split = np.asarray(split, dtype=str)
-    fig = _figure(figsize=(4.2 * len(uncertainties), 3.2), layout="tight")
+    fig = new_figure(figsize=(4.2 * len(uncertainties), 3.2), layout="tight")
     axes = fig.subplots(1, len(uncertainties), squeeze=False)[0]
     for ax, (name, values) in zip(axes, uncertainties.items(), strict=True):
         values = to_numpy(values)
@@ -111,7 +89,7 @@ def plot_uncertainty_histograms(
             ax.hist(v, edges, density=True, alpha=0.5, label=f"{group} (n={len(v)})")
         ax.set(xlabel=f"{name} (nats)", ylabel="density", title=name)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_selective_prediction(
@@ -128,7 +106,7 @@ def plot_selective_prediction(
     correct = to_numpy(correct).astype(bool)
     curves = dict(uncertainties)
     curves["oracle"] = ~correct
-    fig = _figure(figsize=(4.8, 3.6), layout="tight")
+    fig = new_figure(figsize=(4.8, 3.6), layout="tight")
     ax = fig.subplots()
     for name, uncertainty in curves.items():
         coverage, risk = selective_risk(correct, uncertainty)
@@ -143,7 +121,7 @@ def plot_selective_prediction(
         title="Selective prediction",
     )
     ax.legend(fontsize=8, loc="lower left")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_feature_projection(
@@ -199,7 +177,7 @@ def plot_feature_projection(
     vt *= np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])[:, None]  # fix PC signs
     explained = singular[:2] ** 2 / (singular**2).sum()
 
-    fig = _figure(figsize=(6.4, 5.0))
+    fig = new_figure(figsize=(6.4, 5.0))
     ax = fig.subplots()
     colours = matplotlib.colormaps["tab10"]
     for (c, kind), x in points.items():
@@ -237,7 +215,7 @@ def plot_feature_projection(
         ylabel=f"PC 2 ({explained[1]:.0%} of variance)",
         title="Text and image features (PCA)",
     )
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _latent_coords(idata: Any, var_name: str, max_dims: int, image: int) -> dict[str, list]:
@@ -291,7 +269,7 @@ def plot_latent_posterior(
         _save_arviz_1(plot, path)
         return
     n_panels = int(np.prod([len(v) for v in coords.values()]))
-    fig = _figure(figsize=(3.2 * n_panels, 3.6), layout="constrained")
+    fig = new_figure(figsize=(3.2 * n_panels, 3.6), layout="constrained")
     axes = fig.subplots(1, n_panels, squeeze=False)[0]
     az.plot_posterior(idata, var_names=[var_name], coords=coords, ax=axes, textsize=9)
     for ax in axes:  # ArviZ writes "mean=..." at 0.8 of the height, across the density peak
@@ -301,7 +279,7 @@ def plot_latent_posterior(
             if text.get_text().startswith("mean="):
                 text.set_y(1.12 * top)
     fig.suptitle(_selection_title(var_name, coords))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_latent_forest(
@@ -317,11 +295,11 @@ def plot_latent_forest(
         _save_arviz_1(plot, path)
         return
     n_rows = int(np.prod([len(v) for v in coords.values()]))
-    fig = _figure(figsize=(5.0, 0.45 * n_rows + 1.2), layout="constrained")
+    fig = new_figure(figsize=(5.0, 0.45 * n_rows + 1.2), layout="constrained")
     ax = fig.subplots()
     az.plot_forest(idata, var_names=[var_name], coords=coords, combined=True, ax=ax, textsize=9)
     fig.suptitle(_selection_title(var_name, coords))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_grouped_bars(
@@ -342,7 +320,7 @@ def plot_grouped_bars(
                                 for s in bars))
     n_groups = max(len(groups) for groups in panels.values())
     width = 0.8 / len(series)
-    fig = _figure(figsize=(max(6.0, 1.2 * n_groups * (0.5 + 0.25 * len(series))),
+    fig = new_figure(figsize=(max(6.0, 1.2 * n_groups * (0.5 + 0.25 * len(series))),
                            3.2 * len(panels)), layout="tight")
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     colours = matplotlib.colormaps["tab10"]
@@ -361,106 +339,6 @@ def plot_grouped_bars(
         ax.set(title=title, ylabel=ylabel)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _training_x(rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, str]:
-    """Each row's position on the x axis, the middle of the steps it averages (a row covers
-    the steps since the previous row, an epoch row its epoch): in epochs when an epoch row
-    tells how many steps an epoch has, else in steps."""
-    epoch_rows = [row for row in rows if row["kind"] == "epoch"]
-    per_epoch = epoch_rows[0]["step"] / epoch_rows[0]["epoch"] if epoch_rows else None
-    middles, previous = [], 0
-    for row in rows:
-        start = (row["epoch"] - 1) * per_epoch if row["kind"] == "epoch" and per_epoch \
-            else previous
-        middles.append((start + row["step"]) / 2)
-        previous = row["step"]
-    if per_epoch is None:
-        return np.array(middles), "SVI step"
-    return np.array(middles) / per_epoch, "epoch"
-
-
-def plot_loss_curve(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Training curves from the rows of a run's metrics.jsonl (`bayesprompt.training_log`).
-
-    Panels: the loss, its NLL and KL terms, the learning rates, the posterior scale (mean of
-    each site with its min-max band) when the guide has one, and the factor terms when the
-    model has any. Step rows are drawn faint, epoch rows bold with markers, each at the middle
-    of the steps it averages.
-
-    Args:
-        rows: metrics.jsonl rows (dicts with kind, step, loss, nll, kl, factors, lr, group_lr,
-            posterior_scale).
-        path: PNG file to write.
-    """
-    x, xlabel = _training_x(rows)
-    kinds = np.array([row["kind"] for row in rows])
-    scale_sites = list(dict.fromkeys(s for row in rows for s in row["posterior_scale"]))
-    factor_names = list(dict.fromkeys(f for row in rows for f in row["factors"]))
-    panels = ["loss", "nll", "kl", "lr"] + (["scale"] if scale_sites else []) + \
-        (["factors"] if factor_names else [])
-    columns = 2
-    fig = _figure(figsize=(9.0, 2.7 * math.ceil(len(panels) / columns)), layout="tight")
-    axes = fig.subplots(math.ceil(len(panels) / columns), columns, squeeze=False).ravel()
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    colours = matplotlib.colormaps["tab10"]
-
-    has_epochs = bool((kinds == "epoch").any())
-    padding = 0.03 * max(float(x.max() - x.min()), 1e-9)
-
-    def curve(ax: Any, values: Sequence[float | None], colour: Any, label: str | None,
-              drawstyle: str = "default") -> None:
-        """Step rows faint, epoch rows bold; per epoch constant values (drawn as steps) from
-        epoch rows alone when there are any."""
-        values = np.array([np.nan if v is None else v for v in values], dtype=float)
-        for kind, style in (("step", {"alpha": 0.35, "lw": 0.9}),
-                            ("epoch", {"lw": 1.8, "marker": "o", "ms": 3})):
-            chosen = kinds == kind
-            if kind == "step" and drawstyle == "steps-mid" and has_epochs:
-                continue
-            if chosen.any():
-                ax.plot(x[chosen], values[chosen], color=colour, drawstyle=drawstyle,
-                        label=label if kind == "epoch" or not has_epochs else None,
-                        **style)
-
-    titles = {"loss": "loss (objective per image)", "nll": "expected NLL of the labels",
-              "kl": "KL term (as in the loss)", "lr": "learning rate",
-              "scale": "posterior scale (guide std)", "factors": "factor terms (as in the loss)"}
-    for ax, panel in zip(axes, panels, strict=False):
-        if panel in ("loss", "nll", "kl"):
-            curve(ax, [row[panel] for row in rows], colours(["loss", "nll", "kl"].index(panel)),
-                  None)
-        elif panel == "lr":
-            groups = list(dict.fromkeys(g for row in rows for g in row["group_lr"]))
-            ax.set_yscale("log")
-            if any(row["lr"] is not None for row in rows):
-                curve(ax, [row["lr"] for row in rows], colours(0), "SGD" if groups else None,
-                      "steps-mid")
-            for k, group in enumerate(groups):
-                curve(ax, [row["group_lr"].get(group) for row in rows], colours(k + 1), group,
-                      "steps-mid")
-            if groups:
-                ax.legend(fontsize=7)
-        elif panel == "scale":
-            for k, site in enumerate(scale_sites):
-                statistics = [row["posterior_scale"].get(site, {}) for row in rows]
-                curve(ax, [s.get("mean") for s in statistics], colours(k), f"{site} mean")
-                epoch = kinds == "epoch"
-                if epoch.any():
-                    low = np.array([s.get("min", np.nan) for s in statistics], dtype=float)
-                    high = np.array([s.get("max", np.nan) for s in statistics], dtype=float)
-                    ax.fill_between(x[epoch], low[epoch], high[epoch], color=colours(k),
-                                    alpha=0.15, label=f"{site} min-max (epoch)")
-            ax.legend(fontsize=7)
-        else:
-            for k, name in enumerate(factor_names):
-                curve(ax, [row["factors"].get(name) for row in rows], colours(k), name)
-            ax.legend(fontsize=7)
-        ax.set_xlim(x.min() - padding, x.max() + padding)  # the same range in every panel
-        ax.set_title(titles[panel], fontsize=9)
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    _save(fig, path)

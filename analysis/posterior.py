@@ -1,18 +1,19 @@
 """Posterior samples of a trained run on its test splits, as arrays and as ArviZ InferenceData.
 
 How the samples are drawn (S samples, N test images of a split, C classes, D feature width):
-the one posterior predictive of ``bayesprompt.infer``, which also gives results.json its
-accuracies, so that the same S and seed give the same accuracy here and there.
+the one posterior predictive of ``bayesprompt.inference.predictive``, which also gives
+results.json its accuracies, so that the same S and seed give the same accuracy here and
+there.
 
-1. Latents: ``infer.posterior_draws``: ``pyro.infer.Predictive(program.guide, num_samples=S,
+1. Latents: ``predictive.posterior_draws``: ``pyro.infer.Predictive(program.guide, num_samples=S,
    parallel=True)`` on all N image features at once, seeded by the evaluation seed. Global
    latents (outside the ``images`` plate, e.g. ``r`` of vpt, ``ctx`` of coop) are drawn once
    per run and shared by every split, so draw s is the same prompt on base, new and shifted
    images. Per-image latents (e.g. ``r`` of vpt_cond) are drawn per image.
-2. Labels and probabilities: ``infer.replay_model`` batch by batch, the model's latents set to
-   the draws. The model runs inside a recorder that wraps ``program.text_features`` to keep the
-   class text features each sample produced; the ``y`` site gives the class probabilities
-   (S, B, C) and a sampled label per draw. No model file needs to change.
+2. Labels and probabilities: ``predictive.replayed_batches``, the model replayed batch by batch
+   with its latents set to the draws. The ``y`` site gives the class probabilities (S, B, C)
+   and a sampled label per draw; the deterministic site ``text_features`` (recorded by
+   ``PromptModel.text_features``) the class text features each sample produced.
 
 Point-estimate models (coop, cocoop, zeroshot: ``program.stochastic`` is False) are sampled
 once and the draw is repeated S times: their S samples are identical by construction.
@@ -23,26 +24,28 @@ its own ``class`` coordinate, stored as ``posterior_<split>.nc``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from bayesprompt.analysis.inference_data import to_inference_data
-from bayesprompt.analysis.templates import IMAGENET_TEMPLATES
-from tqdm.auto import tqdm
 
-from bayesprompt.api import Run
-from bayesprompt.clip import FrozenCLIP
+from bayesprompt.clip.model import FrozenCLIP
 from bayesprompt.data.datasets import Dataset, load_dataset
 from bayesprompt.data.splits import subsample_classes
 from bayesprompt.errors import UserError
-from bayesprompt.infer import batch_bounds, posterior_draws, replay_model, seeded
-from bayesprompt.prompt_model import PromptModel
-from bayesprompt.prompts import prompt_classname
-from bayesprompt.runs import RunConfig, test_features
+from bayesprompt.inference.predictive import (
+    posterior_draws,
+    replayed_batches,
+    seeded,
+)
+from bayesprompt.program import PromptModel
+from bayesprompt.program.templates import IMAGENET_TEMPLATES, template_text_features
+from bayesprompt.runs.config import RunConfig
+from bayesprompt.runs.evaluate import test_features
+from bayesprompt.runs.loaded_run import LoadedRun
 
 #: Per-image text features (S, M, C, D) are kept for the first M images of a split only.
 MAX_TEXT_IMAGES = 32
@@ -90,39 +93,18 @@ class RunPosterior:
         return not self.program.stochastic
 
 
-@contextmanager
-def record_text_features(program: PromptModel) -> Iterator[list[torch.Tensor]]:
-    """Collect every output of ``program.text_features`` while the block runs."""
-    outputs: list[torch.Tensor] = []
-    original = program.text_features
-
-    def recorder(context: torch.Tensor) -> torch.Tensor:
-        outputs.append(original(context))
-        return outputs[-1]
-
-    program.text_features = recorder  # an instance attribute shadows the method
-    try:
-        yield outputs
-    finally:
-        del program.text_features
-
-
-@torch.no_grad()
-def model_samples(program: PromptModel, features: torch.Tensor,
-                  latents: dict[str, torch.Tensor], per_image: Sequence[str], num_samples: int
+def batch_samples(trace: Any, num_samples: int, images: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Labels (S, B), probabilities (S, B, C) and text features given latent draws.
+    """Labels (S, B), probabilities (S, B, C) and text features of a replayed batch's trace.
 
-    Global latents are (S, *event), per-image latents (S, B, *event) (see
-    ``infer.replay_model``). Text features are (S, 1, C, D) for prompts shared by the batch,
-    (S, B, C, D) for per-image prompts, None without prompts.
+    Text features are (S, 1, C, D) for prompts shared by the batch, (S, B, C, D) for per-image
+    prompts, None for a model without the "text_features" site.
     """
-    with record_text_features(program) as recorded:
-        trace = replay_model(program, features, latents, tuple(per_image), num_samples)
-    shape = (num_samples, features.shape[0])
+    shape = (num_samples, images)
     labels = trace.nodes["y"]["value"].expand(shape)                     # (S, B)
     probs = trace.nodes["y"]["fn"].probs.expand(*shape, -1)              # (S, B, C)
-    text = recorded[-1] if recorded else None
+    site = trace.nodes.get("text_features")
+    text = None if site is None else site["value"]
     if text is not None:
         text = text.expand(num_samples, *text.shape[-3:]) if text.dim() == 4 else \
             text.expand(num_samples, 1, *text.shape[-2:])
@@ -140,14 +122,14 @@ def sample_split(program: PromptModel, name: str, dataset: Dataset, features: to
     program.set_classes(dataset.classnames)
     draws = posterior_draws(program, features, num_samples, seed, global_latents)
     labels, probs, texts = [], [], []
-    for start, stop in tqdm(batch_bounds(features.shape[0], batch_size),
-                            desc=f"posterior samples ({name})", unit="batch", leave=False):
-        y, p, text = model_samples(program, features[start:stop], draws.batch(start, stop),
-                                   draws.per_image, draws.num_samples)
-        labels.append(y)
-        probs.append(p)
-        if text is not None and start < MAX_TEXT_IMAGES:
-            texts.append(text)
+    with torch.no_grad():
+        for start, stop, trace in replayed_batches(program, features, draws, batch_size,
+                                                   desc=f"posterior samples ({name})"):
+            y, p, text = batch_samples(trace, draws.num_samples, stop - start)
+            labels.append(y)
+            probs.append(p)
+            if text is not None and start < MAX_TEXT_IMAGES:
+                texts.append(text)
     text_features = None
     if texts and all(t.shape[1] == 1 for t in texts):  # one prompt per class for all images
         text_features = texts[0][:, 0]                                       # (S, C, D)
@@ -181,13 +163,14 @@ def domain_dataset(config: RunConfig, name: str, classnames: list[str]) -> Datas
     return dataset
 
 
-def posterior_samples(run: Run | str | Path, num_samples: int | None = None,
+def posterior_samples(run: LoadedRun | str | Path, num_samples: int | None = None,
                       splits: Sequence[str] = ("base", "new"), domains: Sequence[str] = (),
                       device: str | None = None, seed: int | None = None) -> RunPosterior:
     """Draw S posterior samples of a run on each test split.
 
     Args:
-        run: a ``bayesprompt.Run``, or a run folder (config.json, checkpoint.pt) to load.
+        run: a loaded run (``bayesprompt.Run``), or a run folder (config.json,
+            checkpoint.pt) to load.
         num_samples: S (default: the run's `eval_samples`, as results.json).
         splits: which of the run's own test splits: "base" (training classes; all classes
             for a run with subsample "all") and "new" (held-out classes, if any).
@@ -203,8 +186,8 @@ def posterior_samples(run: Run | str | Path, num_samples: int | None = None,
     if num_samples is not None and num_samples < 1:
         raise UserError(f"--num-samples must be 1 or more (got {num_samples}): it is the number "
                         "S of posterior samples drawn per test image (default: the run's).")
-    if not isinstance(run, Run):
-        run = Run.load(run, device)
+    if not isinstance(run, LoadedRun):
+        run = LoadedRun.load(run, device)
     run_dir, config, program, clip, base, new = (run.folder, run.config, run.program, run.clip,
                                                  run.base, run.new)
     if program.latent_sites and not (run_dir / "checkpoint.pt").is_file():
@@ -234,12 +217,7 @@ def posterior_samples(run: Run | str | Path, num_samples: int | None = None,
     return RunPosterior(run_dir, config, program, clip, samples, num_samples, seed)
 
 
-@torch.no_grad()
 def template_features(clip: FrozenCLIP, classnames: list[str],
-                      templates: Sequence[str] = IMAGENET_TEMPLATES,
-                      batch_size: int = 512) -> torch.Tensor:
-    """Text features of hand-written templates for each class: (K, C, D)."""
-    texts = [t.format(prompt_classname(c)) for t in templates for c in classnames]
-    features = torch.cat([clip.encode_texts(texts[i:i + batch_size]).cpu()
-                          for i in range(0, len(texts), batch_size)])
-    return features.reshape(len(templates), len(classnames), -1)
+                      templates: Sequence[str] = IMAGENET_TEMPLATES) -> torch.Tensor:
+    """Text features of hand-written templates for each class, on the CPU: (K, C, D)."""
+    return template_text_features(clip, classnames, list(templates)).cpu()

@@ -24,9 +24,10 @@ from bayesprompt.analysis.plots import (
     plot_uncertainty_histograms,
 )
 from bayesprompt.analysis.posterior import RunPosterior, SplitSamples, template_features
-from bayesprompt.analysis.uncertainty import aurc, separation_auroc, uncertainty_decomposition
+from bayesprompt.analysis.uncertainty import separation_auroc, uncertainty_decomposition
 
 from bayesprompt.files import make_folder, write_json
+from bayesprompt.metrics import aurc
 
 #: Credible level of the template-coverage region, and its PCA dimension.
 CREDIBLE_LEVEL = 0.9

@@ -30,16 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bayesprompt.cli import add_common_arguments, default_precision, run_main
-from bayesprompt.clip import PRECISIONS, FrozenCLIP, load_clip
+from bayesprompt.clip.factory import load_clip
+from bayesprompt.clip.model import PRECISIONS, FrozenCLIP
+from bayesprompt.clip.text_tower import TextBudget, causal_text_features
+from bayesprompt.commands.cli import add_common_arguments, run_main
 from bayesprompt.data.datasets import EUROSAT_NAMES
 from bayesprompt.files import write_json
-from bayesprompt.guides import AmortizedGaussian
-from bayesprompt.infer import OBJECTIVES, PAPER_KL_WEIGHT, TrainConfig, make_objective
-from bayesprompt.prompt_model import PromptConfig, PromptModel
-from bayesprompt.prompts import initial_context, prompt_classname
-from bayesprompt.runs import load_model_class
-from bayesprompt.text_tower import TextBudget, causal_text_features
+from bayesprompt.inference.objectives import OBJECTIVES, PAPER_KL_WEIGHT, make_objective
+from bayesprompt.program import PromptConfig, PromptModel
+from bayesprompt.program.guides import AmortizedGaussian
+from bayesprompt.program.prompts import initial_context, prompt_classname
+from bayesprompt.runs.config import default_precision
+from bayesprompt.runs.model_files import load_model_class
 
 
 def synchronize(device: torch.device) -> None:
@@ -94,8 +96,7 @@ class OurStep:
                                                 device=clip.device), dim=-1)
         self.labels = torch.zeros(batch_size, dtype=torch.long, device=clip.device)
         program.clear_parameters()
-        self.objective = make_objective(program, TrainConfig(num_particles=num_particles,
-                                                             objective=objective))
+        self.objective = make_objective(program, objective, num_particles)
         self.objective(self.features, self.labels, 80)  # creates the program's parameters
         self.optimizer = torch.optim.SGD(program.learned_parameters().values(), lr=0.002,
                                          momentum=0.9)

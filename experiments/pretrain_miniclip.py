@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bayesprompt.miniclip import PACKAGED_WEIGHTS, pretrain_miniclip
+from bayesprompt.clip.miniclip import PACKAGED_WEIGHTS, pretrain_miniclip
 
 
 def main() -> None:

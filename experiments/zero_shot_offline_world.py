@@ -14,13 +14,18 @@ from pathlib import Path
 import numpy as np
 import open_clip
 
-from bayesprompt.data.offline_world import (
+from bayesprompt.clip.miniclip import (
+    MODEL_NAME,
+    ensure_miniclip,
+    register_miniclip,
+    zero_shot_accuracy,
+)
+from bayesprompt.paths import data_root
+from bayesprompt.world.downstream import (
     DATASETS,
-    default_data_root,
     read_split,
     write_offline_dataset,
 )
-from bayesprompt.miniclip import MODEL_NAME, ensure_miniclip, register_miniclip, zero_shot_accuracy
 
 
 def main() -> None:
@@ -32,7 +37,7 @@ def main() -> None:
     weights = args.weights or ensure_miniclip()
     model = open_clip.create_model(MODEL_NAME, pretrained=str(weights)).eval()
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
-    print(f"data root: {args.root or default_data_root()}")
+    print(f"data root: {args.root or data_root()}")
     print(f"{'dataset':20s} {'classes':>7s} {'all':>6s} {'base':>6s} {'new':>6s}")
     for name in DATASETS:
         folder = write_offline_dataset(name, args.root)

@@ -12,8 +12,9 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from bayesprompt.priors import isotropic_normal
-from bayesprompt.prompt_model import PromptModel
+from bayesprompt.program import PromptModel
+from bayesprompt.program.guides import point_context
+from bayesprompt.program.priors import isotropic_normal
 
 
 class CoCoOp(PromptModel):
@@ -38,9 +39,7 @@ class CoCoOp(PromptModel):
             pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
 
     def guide(self, image_features, labels=None, dataset_size=None):
-        ctx_map = pyro.param("ctx_map", self.init_ctx.clone())
-        with poutine.scale(scale=self.config.kl_weight):
-            pyro.sample("ctx", dist.Delta(ctx_map, event_dim=2))
+        point_context(self)                                              # ctx ~ Delta(ctx_map)
 
 
 Model = CoCoOp

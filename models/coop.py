@@ -10,8 +10,9 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from bayesprompt.priors import isotropic_normal
-from bayesprompt.prompt_model import PromptModel
+from bayesprompt.program import PromptModel
+from bayesprompt.program.guides import point_context
+from bayesprompt.program.priors import isotropic_normal
 
 
 class CoOp(PromptModel):
@@ -27,9 +28,7 @@ class CoOp(PromptModel):
             pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
 
     def guide(self, image_features, labels=None, dataset_size=None):
-        ctx_map = pyro.param("ctx_map", self.init_ctx.clone())
-        with poutine.scale(scale=self.config.kl_weight):
-            pyro.sample("ctx", dist.Delta(ctx_map, event_dim=2))
+        point_context(self)                                              # ctx ~ Delta(ctx_map)
 
 
 Model = CoOp

@@ -16,12 +16,12 @@ paper's: bayesprompt.e2mim.E2MIMOptions and docs/E2MIM.md.
 """
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from bayesprompt.e2mim import DualViewModel, with_mixed_features
-from bayesprompt.priors import isotropic_normal
+from bayesprompt.dual_view import DualViewModel, with_mixed_features
+from bayesprompt.program.guides import point_context
+from bayesprompt.program.priors import isotropic_normal
 
 
 class E2MIM(DualViewModel):
@@ -39,9 +39,7 @@ class E2MIM(DualViewModel):
             self.observe(features, labels, logits, mix)
 
     def guide(self, image_features, labels=None, dataset_size=None):
-        ctx_map = pyro.param("ctx_map", self.init_ctx.clone())
-        with poutine.scale(scale=self.config.kl_weight):
-            pyro.sample("ctx", dist.Delta(ctx_map, event_dim=2))
+        point_context(self)                                              # ctx ~ Delta(ctx_map)
 
 
 Model = E2MIM

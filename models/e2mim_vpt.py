@@ -12,12 +12,11 @@ and docs/E2MIM.md.
 """
 
 import pyro
-import pyro.distributions as dist
 from pyro import poutine
 
-from bayesprompt.e2mim import DualViewModel, with_mixed, with_mixed_features
-from bayesprompt.guides import AmortizedGaussian
-from bayesprompt.priors import standard_normal
+from bayesprompt.dual_view import DualViewModel, with_mixed, with_mixed_features
+from bayesprompt.program.guides import AmortizedGaussian, amortized_residual
+from bayesprompt.program.priors import standard_normal
 
 
 class E2MIMVPT(DualViewModel):
@@ -39,12 +38,7 @@ class E2MIMVPT(DualViewModel):
             self.observe(features, labels, logits, mix)
 
     def guide(self, image_features, labels=None, dataset_size=None):
-        posterior_net = pyro.module("posterior_net", self.posterior_net,
-                                    update_module_params=True)
-        r_loc, r_scale = posterior_net(image_features)                  # (B, W) each
-        with self.images(image_features, dataset_size):
-            with poutine.scale(scale=self.config.kl_weight):
-                pyro.sample("r", dist.Normal(r_loc, r_scale).to_event(1))
+        amortized_residual(self, image_features, dataset_size)           # r_i ~ N(net(f_i))
 
 
 Model = E2MIMVPT

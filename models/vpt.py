@@ -13,9 +13,9 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from bayesprompt.guides import diagonal_normal
-from bayesprompt.priors import standard_normal
-from bayesprompt.prompt_model import PromptModel
+from bayesprompt.program import PromptModel
+from bayesprompt.program.guides import diagonal_normal
+from bayesprompt.program.priors import standard_normal
 
 
 class VPT(PromptModel):

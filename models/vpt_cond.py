@@ -12,9 +12,9 @@ import pyro
 import pyro.distributions as dist
 from pyro import poutine
 
-from bayesprompt.guides import AmortizedGaussian
-from bayesprompt.priors import standard_normal
-from bayesprompt.prompt_model import PromptModel
+from bayesprompt.program import PromptModel
+from bayesprompt.program.guides import AmortizedGaussian, amortized_residual
+from bayesprompt.program.priors import standard_normal
 
 
 class ConditionalVPT(PromptModel):
@@ -34,12 +34,7 @@ class ConditionalVPT(PromptModel):
             pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
 
     def guide(self, image_features, labels=None, dataset_size=None):
-        posterior_net = pyro.module("posterior_net", self.posterior_net,
-                                    update_module_params=True)
-        r_loc, r_scale = posterior_net(image_features)                  # (B, W) each
-        with self.images(image_features, dataset_size):
-            with poutine.scale(scale=self.config.kl_weight):
-                pyro.sample("r", dist.Normal(r_loc, r_scale).to_event(1))
+        amortized_residual(self, image_features, dataset_size)           # r_i ~ N(net(f_i))
 
 
 Model = ConditionalVPT

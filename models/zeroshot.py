@@ -7,8 +7,8 @@ No latent variables and no parameters; the guide is empty.
 import pyro
 import pyro.distributions as dist
 
-from bayesprompt.prompt_model import PromptModel
-from bayesprompt.prompts import prompt_classname
+from bayesprompt.program import PromptModel
+from bayesprompt.program.templates import zero_shot_classifier
 
 
 class ZeroShot(PromptModel):
@@ -16,8 +16,8 @@ class ZeroShot(PromptModel):
 
     def set_classes(self, classnames):
         super().set_classes(classnames)
-        texts = [self.config.template.format(prompt_classname(c)) for c in classnames]
-        self.template_features = self.clip.encode_texts(texts)         # (C, D)
+        self.template_features = zero_shot_classifier(self.clip, classnames,
+                                                      [self.config.template])  # (C, D)
 
     def model(self, image_features, labels=None, dataset_size=None):
         logits = self.class_logits(image_features, self.template_features)  # (B, C)

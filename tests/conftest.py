@@ -55,14 +55,14 @@ def run_args(eurosat_root: Path, tmp_path: Path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_clip():
-    from bayesprompt.clip import load_clip
+    from bayesprompt.clip.factory import load_clip
     return load_clip(TINY_BACKBONE)
 
 
 @pytest.fixture(scope="session")
 def offline_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every dataset of the offline world, generated once per test session."""
-    from bayesprompt.data.offline_world import write_all_offline_datasets
+    from bayesprompt.world.downstream import write_all_offline_datasets
     root = tmp_path_factory.mktemp("offline")
     write_all_offline_datasets(root)
     return root

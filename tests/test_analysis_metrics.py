@@ -5,13 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from bayesprompt.analysis.calibration import (
-    brier_score,
-    calibration_report,
-    expected_calibration_error,
-    negative_log_likelihood,
-    reliability_bins,
-)
+from bayesprompt.analysis.calibration import calibration_report
 from bayesprompt.analysis.coverage import (
     credible_region_mask,
     prompt_spread,
@@ -23,16 +17,20 @@ from bayesprompt.analysis.inference_data import (
     save_inference_data,
     to_inference_data,
 )
-from bayesprompt.analysis.templates import IMAGENET_TEMPLATES
-from bayesprompt.analysis.uncertainty import (
+from bayesprompt.analysis.uncertainty import separation_auroc, uncertainty_decomposition
+from torchmetrics.functional.classification import binary_auroc, multiclass_calibration_error
+
+from bayesprompt.metrics import (
     aurc,
     auroc,
+    brier_score,
+    expected_calibration_error,
     mutual_information,
+    negative_log_likelihood,
+    reliability_bins,
     selective_risk,
-    separation_auroc,
-    uncertainty_decomposition,
 )
-from torchmetrics.functional.classification import binary_auroc, multiclass_calibration_error
+from bayesprompt.program.templates import IMAGENET_TEMPLATES
 
 
 def two_class(confidences, predictions):

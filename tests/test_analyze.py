@@ -15,12 +15,13 @@ import pytest
 import torch
 import xarray as xr
 from bayesprompt.analysis.inference_data import load_inference_data
-from bayesprompt.analysis.posterior import model_samples, posterior_samples
+from bayesprompt.analysis.posterior import batch_samples, posterior_samples
 from conftest import TINY_BACKBONE
 
 from bayesprompt.commands import analyze
-from bayesprompt.infer import batch_bounds
-from bayesprompt.runs import RunConfig, train_and_evaluate
+from bayesprompt.inference.predictive import batch_bounds, replay_model
+from bayesprompt.runs.config import RunConfig
+from bayesprompt.runs.train import train_and_evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -139,7 +140,8 @@ def test_probabilities_and_text_features_do_not_depend_on_batching(
     probs, texts = [], []
     for start, stop in batch_bounds(len(base.labels), 4):
         batch = {"r": base.latents["r"][:, start:stop]}
-        _, p, text = model_samples(program, base.features[start:stop], batch, ("r",), 3)
+        trace = replay_model(program, base.features[start:stop], batch, ("r",), 3)
+        _, p, text = batch_samples(trace, 3, stop - start)
         probs.append(p)
         texts.append(text)
     torch.testing.assert_close(torch.cat(probs, dim=1), base.probs)

@@ -13,7 +13,8 @@ from conftest import TINY_BACKBONE
 
 import bayesprompt
 from bayesprompt.errors import UserError
-from bayesprompt.runs import accuracy, build_program
+from bayesprompt.metrics import accuracy
+from bayesprompt.runs.model_files import build_program
 
 
 def fit(model: str, root: Path, folder: Path, **options) -> bayesprompt.Run:
@@ -77,7 +78,7 @@ def test_runs_keep_their_own_parameters(runs) -> None:
 
 def test_the_state_dict_is_the_learned_prompts_and_restores_them(runs, tmp_path) -> None:
     run = runs["vpt_cond"]
-    state = run.program.state_dict()
+    state = run.program.prompt_state()
     assert set(state) == set(run.program.learned_parameters())
     assert not any(name.startswith(("clip", "model.")) for name in state)
     torch.save(state, tmp_path / "prompts.pt")
@@ -85,11 +86,11 @@ def test_the_state_dict_is_the_learned_prompts_and_restores_them(runs, tmp_path)
     features, _ = run.test_features("base")
     untrained = bayesprompt.Run(run.folder, run.config, fresh, run.clip, run.base, run.new)
     assert not torch.equal(untrained.predict(features, 3), run.predict(features, 3))
-    fresh.load_state_dict(torch.load(tmp_path / "prompts.pt", weights_only=True))
+    fresh.load_prompt_state(torch.load(tmp_path / "prompts.pt", weights_only=True))
     torch.testing.assert_close(untrained.predict(features, 3), run.predict(features, 3),
                                rtol=0, atol=0)
     with pytest.raises(UserError, match="not this model's"):
-        fresh.load_state_dict(runs["coop"].program.state_dict())
+        fresh.load_prompt_state(runs["coop"].program.prompt_state())
 
 
 def test_posterior_samples_have_the_documented_shapes(runs) -> None:

@@ -14,11 +14,12 @@ import pytest
 from conftest import TINY_BACKBONE
 
 import bayesprompt.commands.benchmark
-import bayesprompt.sweep
-from bayesprompt.cli import run_main
-from bayesprompt.data.offline_world import BENCHMARK_DEFAULTS
+import bayesprompt.runs.sweep
+from bayesprompt.commands.cli import run_main
 from bayesprompt.errors import UserError
-from bayesprompt.runs import harmonic_mean
+from bayesprompt.metrics import harmonic_mean
+from bayesprompt.runs import protocols, tables
+from bayesprompt.world.downstream import BENCHMARK_DEFAULTS
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "benchmark.py"
@@ -109,8 +110,8 @@ def test_hm_is_taken_from_the_seed_means() -> None:
     # per-seed HMs 68.57 and 68.57; the papers' HM of the means (70, 70) is 70
     results = {("d", "m"): [{"base_acc": 60.0, "new_acc": 80.0},
                             {"base_acc": 80.0, "new_acc": 60.0}]}
-    rows = [benchmark["Row"]("m")]
-    (entry,) = benchmark["base2new_entries"](results, ["d"], rows)  # no average of one
+    rows = [protocols.Row("m")]
+    (entry,) = tables.base2new_entries(results, ["d"], rows)  # no average of one
     assert entry["hm"] == pytest.approx(70.0)
     assert entry["base_acc"] == {"mean": 70.0, "std": pytest.approx(14.142, abs=1e-3), "n": 2}
     assert entry["mi_auroc_new_vs_base"] is None
@@ -129,7 +130,7 @@ def test_a_finished_run_is_reused_only_with_the_same_config(
     def no_training(*_, **__):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(bayesprompt.sweep, "train_and_evaluate", no_training)
+    monkeypatch.setattr(bayesprompt.runs.sweep, "train_and_evaluate", no_training)
     run_cli(args)
     captured = capsys.readouterr()
     assert captured.err.count("reused ") == 12
@@ -213,22 +214,22 @@ def test_domain_generalization_averages_the_targets_per_seed(
 
 
 def test_default_datasets_come_from_the_world_declaration() -> None:
-    protocol_datasets = benchmark["protocol_datasets"]
+    protocol_datasets = protocols.protocol_datasets
     assert protocol_datasets("base2new", None) == BENCHMARK_DEFAULTS["base2new"]
     source, targets = BENCHMARK_DEFAULTS["domain_generalization"]
     assert protocol_datasets("domain_generalization", None) == [source, *targets]
 
 
 def test_variants_add_rows_for_every_model_or_the_named_one() -> None:
-    variant = benchmark["parse_variant"]
-    rows = benchmark["table_rows"](["coop", "vpt"], [
+    variant = protocols.parse_variant
+    rows = protocols.table_rows(["coop", "vpt"], [
         variant("paper:objective=paper,residual_scale=1"),
         variant("no-mi:model=e2mim,options.mi_weight=0")])
     assert [r.label for r in rows] == ["coop", "vpt", "coop-paper", "vpt-paper", "e2mim-no-mi"]
     assert rows[3].settings == {"objective": "paper", "residual_scale": 1.0}
     assert rows[4].settings == {} and rows[4].options == {"mi_weight": 0}
     with pytest.raises(UserError, match="asked for twice"):
-        benchmark["table_rows"](["coop"], [variant("x:lr=1"), variant("x:model=coop,lr=2")])
+        protocols.table_rows(["coop"], [variant("x:lr=1"), variant("x:model=coop,lr=2")])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import bayesprompt.commands.train
-from bayesprompt.cli import field_type, flag, run_main
-from bayesprompt.runs import RunConfig
+from bayesprompt.commands.cli import flag, run_main
+from bayesprompt.options import field_type
+from bayesprompt.runs.config import RunConfig
 
 svi_train = vars(bayesprompt.commands.train)
 parse_args = svi_train["parse_args"]

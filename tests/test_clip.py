@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_BACKBONE
 
-from bayesprompt.clip import FrozenCLIP, ImageStats, config_digest, load_clip
+from bayesprompt.clip.factory import config_digest, load_clip
+from bayesprompt.clip.model import FrozenCLIP, ImageStats
 from bayesprompt.errors import UserError
 
 PROMPTS = ["a photo of a cat.", "a centered satellite photo of Annual Crop Land.",

@@ -20,15 +20,15 @@ from conftest import TINY_BACKBONE
 from test_models import CLASSES, separable_features
 
 import bayesprompt.commands.train
-import bayesprompt.infer as infer
 from bayesprompt import distributed
-from bayesprompt.cli import run_main
-from bayesprompt.clip import load_clip
+from bayesprompt.clip.factory import load_clip
+from bayesprompt.commands.cli import run_main
 from bayesprompt.errors import UserError
-from bayesprompt.infer import TrainConfig, train
-from bayesprompt.prompt_model import PromptConfig
-from bayesprompt.runs import load_model_class
-from bayesprompt.training_log import METRICS_FILE, TrainingLog, read_rows
+from bayesprompt.inference import checkpoint, svi
+from bayesprompt.inference.svi import TrainConfig, train
+from bayesprompt.inference.training_log import METRICS_FILE, TrainingLog, read_rows
+from bayesprompt.program import PromptConfig
+from bayesprompt.runs.model_files import load_model_class
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "svi_train.py"
@@ -62,10 +62,10 @@ def train_model(name: str, clip, config: TrainConfig, checkpoint: Path | None = 
     log = TrainingLog(log_folder, log_every=2) if log_folder is not None else None
     history = train(program, features, labels, config, checkpoint, {"model": name}, resume,
                     log).loss
-    return history, program.state_dict()
+    return history, program.prompt_state()
 
 
-PLAIN_SCHEDULE = infer.learning_rate
+PLAIN_SCHEDULE = svi.learning_rate
 
 
 def stop_at_second_epoch(epoch: int, config: TrainConfig) -> float:
@@ -96,13 +96,13 @@ def train_on_rank(rank: int, port: int, folder: str) -> None:
         three_epochs = dataclasses.replace(CONFIG, epochs=3)
         results["vpt"] = train_model("vpt", clip, three_epochs, Path(folder) / "a.pt")
         interrupted = Path(folder) / "b.pt"
-        infer.learning_rate = stop_at_second_epoch
+        svi.learning_rate = stop_at_second_epoch
         try:
             train_model("vpt", clip, three_epochs, interrupted)
         except KeyboardInterrupt:
             pass
         finally:
-            infer.learning_rate = PLAIN_SCHEDULE
+            svi.learning_rate = PLAIN_SCHEDULE
         distributed.barrier()  # rank 0 has written the checkpoint of the first epoch
         results["vpt resumed"] = train_model("vpt", clip, three_epochs, interrupted, True)
     torch.save(results, Path(folder) / f"rank{rank}.pt")
@@ -216,12 +216,12 @@ def test_one_gpu_for_many_processes_is_refused(monkeypatch) -> None:
 
 def test_a_checkpoint_is_loaded_onto_the_device_of_the_run(tmp_path: Path) -> None:
     """Every rank of a GPU run loads the checkpoint onto its own device ('meta' stands in)."""
-    state = {key: None for key in infer.CHECKPOINT_KEYS}
+    state = {key: None for key in checkpoint.CHECKPOINT_KEYS}
     state.update(identity={}, param_store={"ctx_map": torch.ones(2, 3)})
-    infer.save_torch(tmp_path / "checkpoint.pt", state)
+    checkpoint.save_torch(tmp_path / "checkpoint.pt", state)
     pyro.clear_param_store()
     pyro.param("ctx_map", torch.zeros(2, 3))  # the program creates its parameters first
-    infer.load_checkpoint(tmp_path / "checkpoint.pt", {}, "meta")
+    checkpoint.load_checkpoint(tmp_path / "checkpoint.pt", {}, "meta")
     (name, value), = pyro.get_param_store().named_parameters()
     assert name == "ctx_map" and value.device.type == "meta" and value.shape == (2, 3)
     assert value.is_leaf and value.requires_grad
@@ -234,13 +234,13 @@ def test_torchrun_resumes_a_run_to_the_one_process_result(run_args: list[str],
     args = [*run_args, "--model", "cocoop", "--subsample", "all", "--batch-size", "3",
             "--epochs", "3"]  # 40 images: shards of 2 and 1, and a last batch of one image
     run_main(svi_train["main"], [*args, "--out", str(tmp_path / "single")])
-    save = infer.save_torch
+    save = checkpoint.save_torch
 
     def save_then_stop(path: Path, state: dict) -> None:
         save(path, state)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(infer, "save_torch", save_then_stop)
+    monkeypatch.setattr(checkpoint, "save_torch", save_then_stop)
     with pytest.raises(SystemExit):  # Ctrl-C: exit code 130
         run_main(svi_train["main"], args)
     shutil.rmtree(tmp_path / "cache" / "features")  # rank 0 computes them, rank 1 waits

@@ -9,15 +9,19 @@ import pyro
 import pytest
 import torch
 
-from bayesprompt.clip import load_clip
-from bayesprompt.e2mim import E2MIMOptions, critic_input, mixup_nll
+from bayesprompt.clip.factory import load_clip
+from bayesprompt.dual_view.mi_bounds import Critic, critic_objective, infonce_terms, mi_lower_bound
+from bayesprompt.dual_view.mixup import class_mixup
+from bayesprompt.dual_view.model import E2MIMOptions, critic_input, mixup_nll
 from bayesprompt.errors import UserError
-from bayesprompt.infer import TrainConfig, elbo_objective, predictive_probs, train
-from bayesprompt.mixup import class_mixup
-from bayesprompt.mutual_information import Critic, critic_objective, infonce_terms, mi_lower_bound
-from bayesprompt.priors import isotropic_normal
-from bayesprompt.prompt_model import PromptConfig
-from bayesprompt.runs import RunConfig, load_model_class, train_and_evaluate
+from bayesprompt.inference.objectives import elbo_objective
+from bayesprompt.inference.predictive import predictive_probs
+from bayesprompt.inference.svi import TrainConfig, train
+from bayesprompt.program import PromptConfig
+from bayesprompt.program.priors import isotropic_normal
+from bayesprompt.runs.config import RunConfig
+from bayesprompt.runs.model_files import load_model_class
+from bayesprompt.runs.train import train_and_evaluate
 from tests.conftest import TINY_BACKBONE
 
 DIM, BATCH, EVAL_BATCHES = 2, 32, 30

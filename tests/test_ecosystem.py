@@ -25,9 +25,10 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from bayesprompt.cli import run_main
-from bayesprompt.clip import ImageStats, config_digest, image_stats, load_clip
+from bayesprompt.clip.factory import config_digest, image_stats, load_clip
+from bayesprompt.clip.model import ImageStats
 from bayesprompt.commands import train
+from bayesprompt.commands.cli import run_main
 from bayesprompt.data import features as features_module
 from bayesprompt.data.datasets import Item, load_dataset
 from bayesprompt.data.features import (
@@ -41,7 +42,7 @@ from bayesprompt.data.features import (
     load_image,
 )
 from bayesprompt.errors import UserError
-from bayesprompt.runs import EXECUTION_OPTIONS
+from bayesprompt.runs.config import EXECUTION_OPTIONS
 
 CLASSNAMES = ["cat", "dog", "bird", "fish"]
 

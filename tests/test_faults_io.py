@@ -32,8 +32,8 @@ from PIL import Image
 import bayesprompt.commands.analyze
 import bayesprompt.commands.train
 import bayesprompt.files as files
-from bayesprompt.cli import run_main
-from bayesprompt.clip import load_clip
+from bayesprompt.clip.factory import load_clip
+from bayesprompt.commands.cli import run_main
 from bayesprompt.data.datasets import load_dataset
 from bayesprompt.data.features import cache_key, cached_features, checksum
 from bayesprompt.errors import UserError
@@ -197,7 +197,7 @@ CONCURRENT_FIRST_USE = """
 import os, sys, time
 from pathlib import Path
 os.umask(0o022)
-from bayesprompt.data import offline_world
+from bayesprompt.world import downstream as offline_world
 offline_world.SPLIT_SIZES = {"train": 2, "val": 1, "test": 1}  # small: only the write path
 rename, replace = os.rename, os.replace
 def slow(move):

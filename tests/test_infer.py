@@ -10,12 +10,13 @@ import torch
 from pyro import poutine
 from test_models import CLASSES, separable_features
 
-import bayesprompt.infer as infer
 from bayesprompt.errors import UserError
-from bayesprompt.infer import TrainConfig, paper_objective, train
-from bayesprompt.priors import isotropic_normal
-from bayesprompt.prompt_model import PromptConfig
-from bayesprompt.runs import load_model_class
+from bayesprompt.inference import checkpoint, objectives, predictive, svi
+from bayesprompt.inference.objectives import paper_objective
+from bayesprompt.inference.svi import TrainConfig, train
+from bayesprompt.program import PromptConfig
+from bayesprompt.program.priors import isotropic_normal
+from bayesprompt.runs.model_files import load_model_class
 
 
 def test_paper_objective_equals_direct_computation(tiny_clip) -> None:
@@ -45,7 +46,7 @@ def test_paper_objective_equals_direct_computation(tiny_clip) -> None:
 def test_batched_elbo_is_the_mean_of_single_image_objectives(tiny_clip) -> None:
     program = load_model_class("coop")(tiny_clip, CLASSES, PromptConfig())
     features, labels = separable_features(tiny_clip, per_class=2)
-    objective = infer.make_objective(program, TrainConfig(num_particles=1))
+    objective = objectives.make_objective(program, "elbo", 1)
     batched = objective(features[0], labels, 50)
     singles = [objective(features[0, i:i + 1], labels[i:i + 1], 50) for i in range(len(labels))]
     # the per-image objective is (prior term)/N + mean NLL: single-image calls agree on average
@@ -54,7 +55,7 @@ def test_batched_elbo_is_the_mean_of_single_image_objectives(tiny_clip) -> None:
 
 def test_unknown_objective() -> None:
     with pytest.raises(UserError, match="Unknown objective 'mle'"):
-        infer.make_objective(None, TrainConfig(objective="mle"))
+        objectives.make_objective(None, "mle", 1)
 
 
 @pytest.mark.parametrize("model", ["vpt_cond", "e2mim"])  # e2mim: a critic with its own Adam
@@ -70,9 +71,9 @@ def test_resume_gives_the_same_parameters(model, tiny_clip, tmp_path, monkeypatc
 
     program = fresh_program()
     uninterrupted = train(program, features, labels, config, tmp_path / "a.pt", identity)
-    expected = program.state_dict()
+    expected = program.prompt_state()
 
-    save = infer.save_torch
+    save = checkpoint.save_torch
     calls = []
 
     def save_then_crash(path, state):
@@ -81,13 +82,13 @@ def test_resume_gives_the_same_parameters(model, tiny_clip, tmp_path, monkeypatc
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(infer, "save_torch", save_then_crash)
+    monkeypatch.setattr(checkpoint, "save_torch", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train(fresh_program(), features, labels, config, tmp_path / "b.pt", identity)
     interrupted = torch.load(tmp_path / "b.pt", weights_only=True)
     assert interrupted["epoch"] == 2
     assert set(interrupted["group_optimizers"]) == ({"critic"} if model == "e2mim" else set())
-    monkeypatch.setattr(infer, "save_torch", save)
+    monkeypatch.setattr(checkpoint, "save_torch", save)
     program = fresh_program()
     resumed = train(program, features, labels, config, tmp_path / "b.pt", identity, resume=True)
     assert resumed.loss == pytest.approx(uninterrupted.loss)
@@ -110,8 +111,9 @@ def test_optimizer_groups_get_their_own_optimiser(tiny_clip) -> None:
     torch.manual_seed(0)
     program = load_model_class("e2mim")(tiny_clip, CLASSES, PromptConfig())
     config = TrainConfig(epochs=2, batch_size=6, num_particles=1, lr=0.0, warmup_epochs=0)
-    infer.make_objective(program, config)(features[0, :6], labels[:6], 24)
-    before = program.state_dict()
+    objective = objectives.make_objective(program, config.objective, config.num_particles)
+    objective(features[0, :6], labels[:6], 24)
+    before = program.prompt_state()
     train(program, features, labels, config)
     after = program.learned_parameters()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
@@ -171,14 +173,14 @@ def test_predictive_does_not_depend_on_the_evaluation_batch_size(name: str, tiny
     program, features, labels, config = trained_briefly(name, tiny_clip)
     train(program, features, labels, config)
     torch.manual_seed(123)  # the caller's RNG state must not matter either
-    reference = infer.predictive_probs(program, features[0], 7, batch_size=64, seed=5)
+    reference = predictive.predictive_probs(program, features[0], 7, batch_size=64, seed=5)
     state = torch.get_rng_state()
     for batch_size in (1, 3, 5, 24):
-        probs = infer.predictive_probs(program, features[0], 7, batch_size=batch_size, seed=5)
+        probs = predictive.predictive_probs(program, features[0], 7, batch_size=batch_size, seed=5)
         torch.testing.assert_close(probs, reference)
         assert torch.equal(probs.mean(0).argmax(-1), reference.mean(0).argmax(-1))
     assert torch.equal(torch.get_rng_state(), state)  # evaluation leaves the caller's RNG alone
-    other_seed = infer.predictive_probs(program, features[0], 7, seed=6)
+    other_seed = predictive.predictive_probs(program, features[0], 7, seed=6)
     assert not torch.allclose(other_seed, reference)
 
 
@@ -186,8 +188,8 @@ def test_global_draws_are_shared_by_the_splits_of_one_evaluation(tiny_clip) -> N
     program, features, labels, config = trained_briefly("vpt", tiny_clip)
     train(program, features, labels, config)
     shared: dict = {}
-    first = infer.posterior_draws(program, features[0, :10], 4, seed=1, shared=shared)
-    second = infer.posterior_draws(program, features[0, 10:], 4, seed=2, shared=shared)
+    first = predictive.posterior_draws(program, features[0, :10], 4, seed=1, shared=shared)
+    second = predictive.posterior_draws(program, features[0, 10:], 4, seed=2, shared=shared)
     assert second.latents["r"] is first.latents["r"] and first.latents["r"].shape[0] == 4
 
 
@@ -201,10 +203,10 @@ def test_checkpoint_holds_only_safe_types_and_corruption_is_explained(tiny_clip,
     for broken in (data[: len(data) // 2], b"", b"\x00" * 100):
         (tmp_path / "bad.pt").write_bytes(broken)
         with pytest.raises(UserError, match="truncated, corrupt or not a checkpoint"):
-            infer.load_checkpoint(tmp_path / "bad.pt", {"model": "vpt_cond"})
+            checkpoint.load_checkpoint(tmp_path / "bad.pt", {"model": "vpt_cond"})
     torch.save({"epoch": 1}, tmp_path / "old.pt")
     with pytest.raises(UserError, match="lacks some of"):
-        infer.load_checkpoint(tmp_path / "old.pt", {})
+        checkpoint.load_checkpoint(tmp_path / "old.pt", {})
 
 
 def test_cuda_rng_states_are_saved_and_restored(monkeypatch) -> None:
@@ -214,10 +216,10 @@ def test_cuda_rng_states_are_saved_and_restored(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    cpu, cuda = infer._rng_state(torch.device("cuda", 0))
+    cpu, cuda = checkpoint.rng_state(torch.device("cuda", 0))
     assert cuda == states
-    assert infer._rng_state(torch.device("cpu"))[1] == []
-    infer._set_rng_state(cpu, cuda)
+    assert checkpoint.rng_state(torch.device("cpu"))[1] == []
+    checkpoint.set_rng_state(cpu, cuda)
     assert restored == states
 
 
@@ -227,7 +229,7 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(tiny_clip,
     good = train(program, features, labels, config, tmp_path / "c.pt", {"model": "coop"})
     before = (tmp_path / "c.pt").read_bytes()
     config.epochs, config.lr, config.warmup_epochs = 4, 1e9, 2
-    with pytest.raises(infer.Diverged, match=r"diverged at epoch 3.*epoch 2.*Lower --lr"):
+    with pytest.raises(svi.Diverged, match=r"diverged at epoch 3.*epoch 2.*Lower --lr"):
         train(program, features, labels, config, tmp_path / "c.pt", {"model": "coop"},
               resume=True)
     assert (tmp_path / "c.pt").read_bytes() == before and len(good.loss) == 2
@@ -239,7 +241,7 @@ def test_an_invalid_distribution_after_a_step_is_divergence(tiny_clip) -> None:
     explodes; either way a Diverged message, never Pyro's dump of the distribution."""
     program, features, labels, config = trained_briefly("vpt_cond", tiny_clip, seed=1)
     config.lr, config.epochs = 1e6, 6
-    with pytest.raises(infer.Diverged, match="Lower --lr"):
+    with pytest.raises(svi.Diverged, match="Lower --lr"):
         train(program, features, labels, config)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bayesprompt.infer import TrainConfig, predictive_probs, train
-from bayesprompt.prompt_model import PromptConfig
-from bayesprompt.runs import load_model_class
+from bayesprompt.inference.predictive import predictive_probs
+from bayesprompt.inference.svi import TrainConfig, train
+from bayesprompt.program import PromptConfig
+from bayesprompt.runs.model_files import load_model_class
 
 CLASSES = ["red circle", "blue square", "green star", "yellow heart"]
 TRAINED = ["coop", "cocoop", "vpt", "vpt_cond"]
@@ -46,7 +47,7 @@ def test_new_classes_keep_learned_parameters(tiny_clip) -> None:
     program = load_model_class("vpt")(tiny_clip, CLASSES, PromptConfig())
     features, labels = separable_features(tiny_clip)
     train(program, features, labels, TrainConfig(epochs=2, batch_size=24, num_particles=2))
-    before = program.state_dict()["ctx"]
+    before = program.prompt_state()["ctx"]
     program.set_classes(["purple moon", "orange cross", "white ring"])
     probs = predictive_probs(program, features[0], num_samples=3)
     assert probs.shape == (3, len(labels), 3)
@@ -66,7 +67,7 @@ def test_zeroshot_has_no_parameters_and_uses_the_template(tiny_clip) -> None:
 
 def test_a_model_file_given_by_path(tmp_path) -> None:
     from bayesprompt.errors import UserError
-    from bayesprompt.runs import MODELS_DIR
+    from bayesprompt.runs.model_files import MODELS_DIR
     copy = tmp_path / "my_prior.py"
     copy.write_text((MODELS_DIR / "vpt.py").read_text().replace("class VPT", "class MyPrior")
                     .replace("Model = VPT", "Model = MyPrior"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bayesprompt.runs import RunConfig, train_and_evaluate
+from bayesprompt.runs.config import RunConfig
+from bayesprompt.runs.train import train_and_evaluate
 
 
 def run(model: str, dataset: str, root: Path, tmp_path: Path, **options) -> dict:

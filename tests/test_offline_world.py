@@ -8,15 +8,15 @@ import open_clip
 import pytest
 import torch
 
-from bayesprompt.data import offline_world
-from bayesprompt.data import procedural as world
-from bayesprompt.miniclip import (
+from bayesprompt.clip.miniclip import (
     MODEL_NAME,
     PACKAGED_WEIGHTS,
     encode_text_truncated,
     register_miniclip,
     zero_shot_accuracy,
 )
+from bayesprompt.world import downstream as offline_world
+from bayesprompt.world import procedural as world
 
 CLEAN = world.Domain(color_jitter=0.0, pixel_noise=(0.0, 0.0), backgrounds=("plain",))
 

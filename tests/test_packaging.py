@@ -48,7 +48,7 @@ def test_the_installed_package_finds_its_models_without_the_source_tree(wheel,
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                     "--target", str(target), str(wheel)], check=True, capture_output=True)
-    probe = ("import importlib.util, bayesprompt.runs as runs\n"
+    probe = ("import importlib.util, bayesprompt.runs.model_files as runs\n"
              "print(runs.MODELS_DIR)\n"
              "print(runs.load_model_class('vpt_cond').__module__)\n"
              "print(importlib.util.find_spec('models'), importlib.util.find_spec('analysis'))\n")

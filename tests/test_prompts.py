@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bayesprompt.errors import UserError
-from bayesprompt.prompts import ClassPrompts, initial_context
+from bayesprompt.program.prompts import ClassPrompts, initial_context
 
 CLASSES = ["Annual Crop Land", "sea_or_lake", "Forest"]
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 import bayesprompt.commands.train
-from bayesprompt.cli import run_main
-from bayesprompt.clip import load_clip
+from bayesprompt.clip.factory import load_clip
+from bayesprompt.commands.cli import run_main
 from bayesprompt.data.datasets import load_dataset
 from bayesprompt.data.splits import few_shot
-from bayesprompt.runs import RunConfig
+from bayesprompt.runs.config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 svi_train = vars(bayesprompt.commands.train)

@@ -15,9 +15,9 @@ import torch
 from conftest import write_eurosat
 
 import bayesprompt.commands.train
-import bayesprompt.infer as infer
-from bayesprompt.cli import run_main
-from bayesprompt.runs import new_class_metrics
+from bayesprompt.commands.cli import run_main
+from bayesprompt.inference import checkpoint
+from bayesprompt.runs.evaluate import new_class_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "svi_train.py"
@@ -77,7 +77,7 @@ def test_resume_continues_to_the_same_result(run_args: list[str], tmp_path: Path
         run_cli([*args, "--out", str(tmp_path / "full")])
     assert exit_info.value.code == 2
 
-    save, saved = infer.save_torch, []
+    save, saved = checkpoint.save_torch, []
 
     def save_then_stop(path, state):
         save(path, state)
@@ -85,14 +85,14 @@ def test_resume_continues_to_the_same_result(run_args: list[str], tmp_path: Path
         if len(saved) == 2:
             raise KeyboardInterrupt  # the run is stopped after its second epoch
 
-    monkeypatch.setattr(infer, "save_torch", save_then_stop)
+    monkeypatch.setattr(checkpoint, "save_torch", save_then_stop)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(args)
     assert exit_info.value.code == 130
     err = capsys.readouterr().err
     assert "Interrupted" in err and "--resume" in err and "Traceback" not in err
     assert not (tmp_path / "run/results.json").exists()
-    monkeypatch.setattr(infer, "save_torch", save)
+    monkeypatch.setattr(checkpoint, "save_torch", save)
     run_cli([*args, "--resume"])
     resumed = json.loads((tmp_path / "run/results.json").read_text())
     assert resumed["loss_history"] == full["loss_history"]

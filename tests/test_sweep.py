@@ -16,9 +16,11 @@ import torch
 from conftest import TINY_BACKBONE
 
 import bayesprompt.commands.benchmark
-import bayesprompt.sweep
-from bayesprompt.cli import field_type, run_main
-from bayesprompt.runs import RunConfig
+import bayesprompt.runs.sweep
+from bayesprompt.commands.cli import run_main
+from bayesprompt.options import field_type
+from bayesprompt.runs import protocols
+from bayesprompt.runs.config import RunConfig
 
 benchmark = vars(bayesprompt.commands.benchmark)
 
@@ -81,7 +83,7 @@ def test_local_processes_give_the_sequential_table(tiny: list[str], tmp_path: Pa
         assert run_cli([*args, "--executor", "none", "--out", str(tmp_path / "none")]) == 0
     finally:
         torch.set_num_threads(threads)
-    monkeypatch.setattr(bayesprompt.sweep, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(bayesprompt.runs.sweep, "cpu_cores", lambda: 2)
     assert run_cli([*args, "--executor", "local", "--workers", "2",
                     "--out", str(tmp_path / "local")]) == 0
     assert entries(tmp_path / "local") == entries(tmp_path / "none")  # exactly, every float
@@ -94,7 +96,7 @@ def test_local_processes_give_the_sequential_table(tiny: list[str], tmp_path: Pa
 def test_a_failed_run_is_reported_the_others_finish_and_the_sweep_resumes(
         tiny: list[str], tmp_path: Path, monkeypatch, capsys) -> None:
     # two GPUs as far as the sweep knows: each job is pinned to one (the runs use the CPU)
-    monkeypatch.setattr(bayesprompt.sweep, "local_gpus", lambda configs: ([0, 1], True))
+    monkeypatch.setattr(bayesprompt.runs.sweep, "local_gpus", lambda configs: ([0, 1], True))
     model_file = tmp_path / "failing.py"
     model_file.write_text(FAILING_MODEL)
     (tmp_path / "FAIL").touch()
@@ -232,7 +234,7 @@ def test_bad_sweep_arguments_exit_2(args: list[str], message: str, tmp_path: Pat
 
 
 def test_list_and_flag_values_of_a_sweep() -> None:
-    parse_settings = benchmark["parse_settings"]
+    parse_settings = protocols.parse_settings
     settings, _ = parse_settings(["grad_checkpointing=true", "pretrained=none"], "--set")
     assert settings == {"grad_checkpointing": True, "pretrained": None}
     settings, _ = parse_settings(["eval_on=dtd+eurosat"], "--grid", chosen={})
@@ -240,14 +242,14 @@ def test_list_and_flag_values_of_a_sweep() -> None:
 
 
 @pytest.mark.parametrize("item", [f for f in fields(RunConfig) if f.name not in
-                                  benchmark["GRID_CHOSEN"]], ids=lambda f: f.name)
+                                  protocols.GRID_CHOSEN], ids=lambda f: f.name)
 def test_a_sweep_can_vary_every_field(item) -> None:
     kind, _ = field_type(RunConfig, item.name)
     text, value = {str: ("text", "text"), int: ("7", 7), float: ("0.25", 0.25),
                    bool: ("true", True), list: ("a+b", ["a", "b"])}[kind]
     if item.metadata.get("choices"):
         text = value = item.metadata["choices"][-1]
-    axes = benchmark["grid_axes"]([f"{item.name}={text}"])
+    axes = protocols.grid_axes([f"{item.name}={text}"])
     assert axes == {item.name: [value]}
 
 
@@ -255,8 +257,8 @@ def test_ctrl_c_in_a_sequential_sweep_says_how_to_go_on(tmp_path, monkeypatch) -
     def interrupted(config):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bayesprompt.sweep, "run_job", interrupted)
+    monkeypatch.setattr(bayesprompt.runs.sweep, "run_job", interrupted)
     config = RunConfig(out=str(tmp_path / "run")).resolved()
-    options = bayesprompt.sweep.SweepOptions(executor="none")
-    with pytest.raises(bayesprompt.sweep.RunInterrupted, match="run the same command again"):
-        bayesprompt.sweep.run_sweep([config], tmp_path, options, print)
+    options = bayesprompt.runs.sweep.SweepOptions(executor="none")
+    with pytest.raises(bayesprompt.runs.sweep.RunInterrupted, match="run the same command again"):
+        bayesprompt.runs.sweep.run_sweep([config], tmp_path, options, print)

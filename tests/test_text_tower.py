@@ -10,15 +10,17 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_BACKBONE
 
-import bayesprompt.cli as cli
-from bayesprompt.clip import load_clip
+import bayesprompt.runs.config as run_config
+from bayesprompt.clip.factory import load_clip
+from bayesprompt.clip.text_tower import TextBudget, causal_text_features, shared_prefix_features
 from bayesprompt.errors import UserError
 from bayesprompt.files import write_json
-from bayesprompt.infer import predictive_probs
-from bayesprompt.prompt_model import PromptConfig
-from bayesprompt.prompts import ClassPrompts
-from bayesprompt.runs import RunConfig, check_resume, load_model_class
-from bayesprompt.text_tower import TextBudget, causal_text_features, shared_prefix_features
+from bayesprompt.inference.predictive import predictive_probs
+from bayesprompt.program import PromptConfig
+from bayesprompt.program.prompts import ClassPrompts
+from bayesprompt.runs.config import RunConfig
+from bayesprompt.runs.folder import check_resume
+from bayesprompt.runs.model_files import load_model_class
 
 CLASSES = ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land", "Highway or Road",
            "Industrial Buildings"]
@@ -191,10 +193,11 @@ def test_evaluation_batches_shrink_with_the_budget_and_change_nothing(tiny_clip)
 
 
 def test_default_precision_follows_the_processor(monkeypatch) -> None:
-    monkeypatch.setattr(cli, "cpu_has_bf16_matmul", lambda: False)
-    assert (cli.default_precision("cpu"), cli.default_precision("cuda:1")) == ("fp32", "bf16")
-    monkeypatch.setattr(cli, "cpu_has_bf16_matmul", lambda: True)
-    assert cli.default_precision("cpu") == "bf16"
+    monkeypatch.setattr(run_config, "cpu_has_bf16_matmul", lambda: False)
+    assert run_config.default_precision("cpu") == "fp32"
+    assert run_config.default_precision("cuda:1") == "bf16"
+    monkeypatch.setattr(run_config, "cpu_has_bf16_matmul", lambda: True)
+    assert run_config.default_precision("cpu") == "bf16"
 
 
 def test_a_run_resumes_with_other_memory_options(tmp_path) -> None:

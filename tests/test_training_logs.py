@@ -10,12 +10,13 @@ import torch
 from test_models import CLASSES, separable_features
 from test_svi_train import run_cli
 
-import bayesprompt.training_log as training_log
-from bayesprompt.e2mim import E2MIMOptions
-from bayesprompt.infer import TrainConfig, make_objective
-from bayesprompt.priors import isotropic_normal
-from bayesprompt.prompt_model import PromptConfig
-from bayesprompt.runs import load_model_class
+import bayesprompt.inference.loss_curve as loss_curve
+import bayesprompt.inference.training_log as training_log
+from bayesprompt.dual_view import E2MIMOptions
+from bayesprompt.inference.objectives import make_objective
+from bayesprompt.program import PromptConfig
+from bayesprompt.program.priors import isotropic_normal
+from bayesprompt.runs.model_files import load_model_class
 
 SECONDS = ("seconds", "interval_seconds")
 
@@ -35,7 +36,7 @@ def test_the_terms_add_up_to_the_loss_of_the_step(model, objective, tiny_clip) -
     torch.manual_seed(0)
     program = load_model_class(model)(tiny_clip, CLASSES, PromptConfig())
     features, labels = separable_features(tiny_clip, per_class=2)
-    loss_of = make_objective(program, TrainConfig(num_particles=3, objective=objective))
+    loss_of = make_objective(program, objective, 3)
     loss = loss_of(features[0], labels, 50)
     terms = loss_of.terms
     total = terms.nll + terms.kl + sum(terms.factors.values())
@@ -175,7 +176,7 @@ def test_the_loss_curve_of_one_kind_of_row(kinds, tmp_path: Path) -> None:
                                                                   "max": 2}}}
             for i, kind in enumerate(kinds)]
     (tmp_path / training_log.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert training_log.write_loss_curve(tmp_path) == tmp_path / training_log.LOSS_CURVE_FILE
-    assert (tmp_path / training_log.LOSS_CURVE_FILE).read_bytes()[:4] == b"\x89PNG"
+    assert loss_curve.write_loss_curve(tmp_path) == tmp_path / loss_curve.LOSS_CURVE_FILE
+    assert (tmp_path / loss_curve.LOSS_CURVE_FILE).read_bytes()[:4] == b"\x89PNG"
     (tmp_path / training_log.METRICS_FILE).write_text("")
-    assert training_log.write_loss_curve(tmp_path) is None  # no rows, no curve
+    assert loss_curve.write_loss_curve(tmp_path) is None  # no rows, no curve

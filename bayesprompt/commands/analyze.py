@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bayesprompt.analysis.report import summary_lines, write_analysis
 from bayesprompt.api import Run
-from bayesprompt.cli import run_main
+from bayesprompt.commands.cli import run_main
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,35 +40,33 @@ table marks it, the command exits with 1; running it again resumes the sweep.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import itertools
-import math
-import re
 import shlex
-import statistics
 import sys
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from bayesprompt.analysis.plots import plot_grouped_bars
-from bayesprompt.cli import (
-    LIST_SEPARATOR,
-    add_common_arguments,
-    default_device,
-    default_precision,
-    parse_field_value,
-    parse_options,
-    run_main,
-)
+from bayesprompt.commands.cli import add_common_arguments, run_main
 from bayesprompt.data.datasets import load_dataset
-from bayesprompt.data.offline_world import BENCHMARK_DEFAULTS
 from bayesprompt.errors import RunsFailed, UserError
 from bayesprompt.files import make_folder, write_json, write_text
-from bayesprompt.runs import RunConfig, harmonic_mean, load_model_class
-from bayesprompt.sweep import (
+from bayesprompt.runs.config import RunConfig, default_device, default_precision
+from bayesprompt.runs.model_files import load_model_class
+from bayesprompt.runs.protocols import (
+    DEFAULT_MODELS,
+    GRID_CHOSEN,
+    PROTOCOLS,
+    grid_axes,
+    parse_settings,
+    parse_variant,
+    point_label,
+    protocol_datasets,
+    table_rows,
+    value_text,
+)
+from bayesprompt.runs.sweep import (
     Outcome,
     SweepOptions,
     add_sweep_arguments,
@@ -76,274 +74,18 @@ from bayesprompt.sweep import (
     run_sweep,
     sweep_options,
 )
-
-PROTOCOLS = ("base2new", "cross_dataset", "domain_generalization", "grid")
-DEFAULT_MODELS = ["zeroshot", "coop", "cocoop", "vpt", "vpt_cond", "e2mim", "e2mim_vpt"]
-#: RunConfig fields the benchmark chooses itself, and the option that does.
-CHOSEN = {"dataset": "--datasets", "model": "--models (or model= in a --variant)",
-          "seed": "--seeds", "subsample": "--protocol", "eval_on": "--protocol",
-          "out": "--out", "options": "options.KEY=VALUE", "device": "--device",
-          "precision": "--precision"}
-#: What the benchmark chooses itself under --protocol grid: every other field may be set.
-GRID_CHOSEN = {name: CHOSEN[name] for name in ("out", "options", "device", "precision")}
-FIELD_NAMES = [item.name for item in fields(RunConfig)]
-#: base2new columns read from results.json: (key in results.json, column title, is percent).
-BASE2NEW_COLUMNS = (("base_acc", "base", True), ("new_acc", "new", True),
-                    ("new_ece", "ECE new", False), ("new_nll", "NLL new", False),
-                    ("mi_auroc_new_vs_base", "AUROC MI", False))
-#: Keys of a table entry that hold one value; all others hold mean ± std over seeds.
-SCALAR_KEYS = ("dataset", "model", "seeds", "failed", "hm", "train_seconds")
-
-
-@dataclass(frozen=True)
-class Row:
-    """One row of the table: a model with the run-configuration settings of its variant."""
-
-    model: str
-    variant: str = ""
-    settings: dict = field(default_factory=dict)
-    options: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        name = Path(self.model).stem
-        return f"{name}-{self.variant}" if self.variant else name
-
-
-def parse_value(name: str, text: str, where: str) -> object:
-    """The text of a RunConfig field's value, parsed by the field's type (as svi_train.py's
-    flags are; a list's items joined by '+')."""
-    try:
-        return parse_field_value(RunConfig, name, text)
-    except ValueError as error:
-        raise UserError(f"{where}: {error} (RunConfig in bayesprompt/runs.py lists the "
-                        "fields).") from None
-
-
-def parse_settings(pairs: list[str], where: str, allow_model: bool = False,
-                   chosen: dict[str, str] = CHOSEN) -> tuple[dict, dict]:
-    """['key=value', ...] -> (RunConfig fields, model options); `options.KEY` is a model option.
-
-    Values are parsed by the field's type; unknown fields and the fields the benchmark
-    chooses (`chosen`; except `model` in a variant) are UserErrors.
-    """
-    settings: dict = {}
-    options: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"{where}: expected KEY=VALUE, got '{pair}'.")
-        if key.startswith("options."):
-            options.update(parse_options([f"{key.removeprefix('options.')}={value}"]))
-        elif key == "model" and allow_model:
-            settings[key] = value
-        elif key in chosen:
-            raise UserError(f"{where}: {key} is chosen by {chosen[key]}, not by KEY=VALUE.")
-        elif key in FIELD_NAMES:
-            settings[key] = parse_value(key, value, where)
-        else:
-            settable = ", ".join(name for name in FIELD_NAMES if name not in chosen)
-            raise UserError(
-                f"{where}: '{key}' is not a field of the run configuration (RunConfig in "
-                f"bayesprompt/runs.py). Settable fields: {settable}. A model file's own option "
-                f"is set as options.KEY=VALUE, e.g. options.mi_weight=0.")
-    return settings, options
-
-
-def parse_variant(text: str) -> tuple[str, dict, dict]:
-    """'LABEL:key=value,...' -> (label, RunConfig fields, model options)."""
-    label, sep, pairs = text.partition(":")
-    where = f"--variant {text}"
-    if not sep or not re.fullmatch(r"[A-Za-z0-9_.+-]+", label):
-        raise UserError(f"{where}: expected LABEL:KEY=VALUE[,KEY=VALUE...] with a LABEL of "
-                        "letters, digits and _.+- (it names the rows and their run folders).")
-    settings, options = parse_settings([p for p in pairs.split(",") if p], where, True)
-    if not settings and not options:
-        raise UserError(f"{where}: the variant sets nothing; give at least one KEY=VALUE.")
-    return label, settings, options
-
-
-def table_rows(models: list[str], variants: list[tuple[str, dict, dict]]) -> list[Row]:
-    """One row per model, then each variant's rows: for its `model=` only, else every model."""
-    rows = [Row(model) for model in models]
-    for label, settings, options in variants:
-        settings = dict(settings)
-        chosen = settings.pop("model", None)
-        rows += [Row(model, label, settings, options) for model in ([chosen] if chosen
-                                                                     else models)]
-    seen = set()
-    for row in rows:
-        if row.label in seen:
-            raise UserError(f"The row '{row.label}' is asked for twice (--models and --variant "
-                            "labels must give each model and variant once).")
-        seen.add(row.label)
-    for model in dict.fromkeys(row.model for row in rows):
-        load_model_class(model)
-    return rows
-
-
-def mean_std(values: list[float | None]) -> dict | None:
-    """{"mean", "std", "n"} over the non-None values (sample std, 0 for one value), or None."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.mean(values), "std": spread, "n": len(values)}
-
-
-def base2new_entries(results: dict[tuple[str, str], list[dict | None]], datasets: list[str],
-                     rows: list[Row]) -> list[dict]:
-    """Table entries per dataset and row, then the average over datasets per row.
-
-    `results` holds each row's runs in seed order, None for a failed run. The average (of two
-    or more datasets) of a metric is taken per seed over the datasets (seeds with a failed run
-    left out), then mean ± std over seeds; HM is the harmonic mean of the seed-mean base and
-    new accuracies (of the average too). `failed` counts the runs left out.
-    """
-    entries = []
-    for dataset in [*datasets, None] if len(datasets) > 1 else datasets:
-        for row in rows:
-            if dataset is None:
-                per_seed = list(zip(*(results[d, row.label] for d in datasets), strict=True))
-                runs = [{key: average([r.get(key) for r in seed_runs])
-                         for key, _, _ in BASE2NEW_COLUMNS}
-                        for seed_runs in per_seed if None not in seed_runs]
-                failed = len(per_seed) - len(runs)
-            else:
-                runs = [r for r in results[dataset, row.label] if r is not None]
-                failed = len(results[dataset, row.label]) - len(runs)
-            cells = {key: mean_std([r.get(key) for r in runs]) for key, _, _ in BASE2NEW_COLUMNS}
-            base, new = cells["base_acc"], cells["new_acc"]
-            hm = harmonic_mean(base["mean"], new["mean"]) if base and new else None
-            seconds = mean_std([r.get("train_seconds") for r in runs])
-            entries.append({"dataset": dataset or "average", "model": row.label,
-                            "seeds": len(runs), "failed": failed, **cells, "hm": hm,
-                            "train_seconds": seconds["mean"] if seconds else None})
-    return entries
-
-
-def average(values: list[float | None]) -> float | None:
-    """Mean of values, None when any is missing."""
-    return None if any(v is None for v in values) else statistics.mean(values)
-
-
-def transfer_entries(results: dict[tuple[str, str], list[dict | None]], source: str,
-                     targets: list[str], rows: list[Row]) -> list[dict]:
-    """Per row: source accuracy, each target's, and the per-seed average over the targets
-    (failed runs, None in `results`, left out and counted as `failed`)."""
-    entries = []
-    for row in rows:
-        runs = [r for r in results[source, row.label] if r is not None]
-        per_target = {t: [r["transfer_acc"].get(t) for r in runs] for t in targets}
-        target_average = [average([per_target[t][i] for t in targets]) for i in range(len(runs))]
-        entries.append({"dataset": source, "model": row.label, "seeds": len(runs),
-                        "failed": len(results[source, row.label]) - len(runs),
-                        "source": mean_std([r["base_acc"] for r in runs]),
-                        "targets": {t: mean_std(v) for t, v in per_target.items()},
-                        "average": mean_std(target_average)})
-    return entries
-
-
-def row_name(entry: dict) -> str:
-    """The model cell of a table line, marked when runs of it failed."""
-    failed = entry.get("failed", 0)
-    if not failed:
-        return entry["model"]
-    return f"{entry['model']} (FAILED: {failed} of {failed + entry['seeds']} runs)"
-
-
-def show(cell: dict | float | None, percent: bool = True) -> str:
-    """A table cell: 'mean ± std' (2 decimals for percent, 3 otherwise), or n/a."""
-    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
-        return "n/a"
-    digits = 2 if percent else 3
-    if isinstance(cell, dict):
-        return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
-    return f"{cell:.{digits}f}"
-
-
-def markdown_table(header: list[str], lines: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                      *("| " + " | ".join(line) + " |" for line in lines)])
-
-
-def table_datasets(entries: list[dict]) -> list[str]:
-    """The datasets of base2new entries, the average (if any) first, as CoCoOp's table."""
-    return sorted(dict.fromkeys(e["dataset"] for e in entries), key=lambda d: d != "average")
-
-
-def base2new_markdown(entries: list[dict], datasets: list[str]) -> str:
-    header = ["model", "base", "new", "HM", "ECE new", "NLL new", "AUROC MI", "train s"]
-    sections = []
-    for dataset in table_datasets(entries):
-        lines = [[row_name(e), *(show(e[k], pct) for k, _, pct in BASE2NEW_COLUMNS[:2]),
-                  show(e["hm"]), *(show(e[k], pct) for k, _, pct in BASE2NEW_COLUMNS[2:]),
-                  show(e["train_seconds"], True)]
-                 for e in entries if e["dataset"] == dataset]
-        title = f"Average over {len(datasets)} datasets" if dataset == "average" else dataset
-        sections.append(f"## {title}\n\n" + markdown_table(header, lines))
-    return "\n\n".join(sections)
-
-
-def transfer_markdown(entries: list[dict], source: str, targets: list[str]) -> str:
-    header = ["model", f"source: {source}", *targets, "average"]
-    lines = [[row_name(e), show(e["source"]), *(show(e["targets"][t]) for t in targets),
-              show(e["average"])] for e in entries]
-    return markdown_table(header, lines)
-
-
-def flat_record(entry: dict) -> dict:
-    """A table entry as one CSV record: each mean ± std cell (a target's too) becomes the
-    columns NAME_mean and NAME_std, empty for n/a."""
-    record = {}
-    for key, value in {**entry, **entry.get("targets", {})}.items():
-        if key in SCALAR_KEYS:
-            record[key] = value
-        elif key != "targets":
-            record[f"{key}_mean"] = value["mean"] if value else None
-            record[f"{key}_std"] = value["std"] if value else None
-    return record
-
-
-def csv_text(records: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in records for k in r)),
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(records)
-    return buffer.getvalue()
-
-
-def bar_panels(entries: list[dict], protocol: str, datasets: list[str]) -> dict:
-    """Panels of the bar plot: base/new/HM per row and dataset, or source/targets/average."""
-    def bar(cell: dict | None) -> tuple[float | None, float | None]:
-        return (cell["mean"], cell["std"]) if cell else (None, None)
-
-    if protocol == "base2new":
-        return {("average over datasets" if d == "average" else Path(d).name): {
-            e["model"]: {"base": bar(e["base_acc"]), "new": bar(e["new_acc"]),
-                         "HM": (e["hm"], None)}
-            for e in entries if e["dataset"] == d}
-            for d in table_datasets(entries)}
-    source, targets = datasets[0], datasets[1:]
-    return {f"trained on {Path(source).name}": {
-        e["model"]: {f"{Path(source).name} (source)": bar(e["source"]),
-                     **{Path(t).name: bar(e["targets"][t]) for t in targets},
-                     "average over targets": bar(e["average"])}
-        for e in entries}}
-
-
-def protocol_datasets(protocol: str, datasets: list[str] | None) -> list[str]:
-    """The datasets of a protocol: given, or the world's defaults (source first)."""
-    if datasets is None:
-        default = BENCHMARK_DEFAULTS[protocol]
-        datasets = list(default) if protocol == "base2new" else [default[0], *default[1]]
-    if protocol != "base2new" and len(datasets) < 2:
-        raise UserError(f"--protocol {protocol} needs --datasets SOURCE TARGET...: a source to "
-                        f"train on and at least one dataset to evaluate on; got {datasets}.")
-    if len(set(datasets)) != len(datasets):
-        raise UserError(f"--datasets names a dataset twice: {datasets}.")
-    return datasets
+from bayesprompt.runs.tables import (
+    GRID_COLUMNS,
+    bar_panels,
+    base2new_entries,
+    base2new_markdown,
+    csv_text,
+    flat_record,
+    markdown_table,
+    show,
+    transfer_entries,
+    transfer_markdown,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -467,50 +209,6 @@ def raise_failures(outcomes: list[Outcome]) -> None:
     """RunsFailed (exit code 1) listing the failed runs, if any."""
     if any(outcome.failed for outcome in outcomes):
         raise RunsFailed(failure_report(outcomes))
-
-
-def grid_axes(texts: list[str]) -> dict[str, list]:
-    """['key=v1,v2', ...] -> {key: [values]}, each value parsed by the field's type;
-    options.KEY axes vary a model file's option."""
-    axes: dict[str, list] = {}
-    for text in texts:
-        key, sep, values = text.partition("=")
-        where = f"--grid {text}"
-        if not sep or not key or not values:
-            raise UserError(f"{where}: expected KEY=VALUE[,VALUE...], e.g. lr=0.001,0.002.")
-        if key in axes:
-            raise UserError(f"{where}: {key} is a --grid axis twice; give its values once.")
-        if key.startswith("options."):
-            axes[key] = [parse_options([f"x={v}"])["x"] for v in values.split(",")]
-            continue
-        axes[key] = [parse_settings([f"{key}={v}"], where, chosen=GRID_CHOSEN)[0][key]
-                     for v in values.split(",")]
-        if len(set(map(repr, axes[key]))) != len(axes[key]):
-            raise UserError(f"{where}: a value is given twice.")
-    if not axes:
-        raise UserError("--protocol grid needs at least one --grid KEY=VALUE[,VALUE...] axis, "
-                        "e.g. --grid lr=0.001,0.002 --grid seed=1,2.")
-    return axes
-
-
-def value_text(value: object) -> str:
-    """A grid value as a table cell and in a folder name: a path by its last component, a
-    list's items joined by '+'."""
-    if isinstance(value, list):
-        return LIST_SEPARATOR.join(value_text(item) for item in value)
-    return Path(value).name if isinstance(value, str) and "/" in value else str(value)
-
-
-def point_label(point: dict) -> str:
-    """A grid point's row label and run folder name, e.g. 'lr=0.001,seed=2'."""
-    return ",".join(f"{key}={value_text(value)}" for key, value in point.items())
-
-
-#: Grid table columns read from results.json: (key, title, is percent).
-GRID_COLUMNS = (("base_acc", "base", True), ("new_acc", "new", True), ("hm", "HM", True),
-                ("new_ece", "ECE new", False), ("new_nll", "NLL new", False),
-                ("mi_auroc_new_vs_base", "AUROC MI", False),
-                ("train_seconds", "train s", True))
 
 
 def grid_runs(args: argparse.Namespace, out: Path) -> tuple[dict[str, list], list[dict],

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import argparse
 
-from bayesprompt.cli import (
+from bayesprompt.commands.cli import (
     add_config_arguments,
     config_from_arguments,
-    default_device,
-    default_precision,
     read_config_file,
     run_main,
 )
 from bayesprompt.data.datasets import known_datasets
 from bayesprompt.distributed import process_group
-from bayesprompt.runs import RunConfig, known_models, summary_line, train_and_evaluate
+from bayesprompt.runs.config import RunConfig, default_device, default_precision
+from bayesprompt.runs.evaluate import summary_line
+from bayesprompt.runs.model_files import known_models
+from bayesprompt.runs.train import train_and_evaluate
 
 
 def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from bayesprompt.data.offline_world import DATASETS as OFFLINE_DATASETS
-from bayesprompt.data.offline_world import write_offline_dataset
 from bayesprompt.errors import UserError
 from bayesprompt.files import read_json
+from bayesprompt.world.downstream import DATASETS as OFFLINE_DATASETS
+from bayesprompt.world.downstream import write_offline_dataset
 
 SPLITS = ("train", "val", "test")
 #: CoOp's folder of few-shot pickles inside a dataset folder; never a class folder.
@@ -51,7 +51,7 @@ class Dataset:
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
+class DatasetLayout:
     """Where a dataset lives under ROOT and how to read it."""
 
     folder: str
@@ -71,35 +71,35 @@ EUROSAT_NAMES = {
     "River": "River", "SeaLake": "Sea or Lake",
 }
 
-REGISTRY: dict[str, DatasetSpec] = {
-    "imagenet": DatasetSpec("imagenet", "images", "a photo of a {}.", reader="imagenet"),
-    "caltech101": DatasetSpec(
+REGISTRY: dict[str, DatasetLayout] = {
+    "imagenet": DatasetLayout("imagenet", "images", "a photo of a {}.", reader="imagenet"),
+    "caltech101": DatasetLayout(
         "caltech-101", "101_ObjectCategories", "a photo of a {}.", "split_zhou_Caltech101.json",
         {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard",
          "Motorbikes": "motorbike"}),
-    "oxford_pets": DatasetSpec("oxford_pets", "images", "a photo of a {}, a type of pet.",
+    "oxford_pets": DatasetLayout("oxford_pets", "images", "a photo of a {}, a type of pet.",
                                "split_zhou_OxfordPets.json"),
-    "stanford_cars": DatasetSpec("stanford_cars", "", "a photo of a {}.",
+    "stanford_cars": DatasetLayout("stanford_cars", "", "a photo of a {}.",
                                  "split_zhou_StanfordCars.json"),
-    "oxford_flowers": DatasetSpec("oxford_flowers", "jpg", "a photo of a {}, a type of flower.",
+    "oxford_flowers": DatasetLayout("oxford_flowers", "jpg", "a photo of a {}, a type of flower.",
                                   "split_zhou_OxfordFlowers.json"),
-    "food101": DatasetSpec("food-101", "images", "a photo of {}, a type of food.",
+    "food101": DatasetLayout("food-101", "images", "a photo of {}, a type of food.",
                            "split_zhou_Food101.json"),
-    "fgvc_aircraft": DatasetSpec("fgvc_aircraft", "images",
+    "fgvc_aircraft": DatasetLayout("fgvc_aircraft", "images",
                                  "a photo of a {}, a type of aircraft.", reader="fgvc"),
-    "sun397": DatasetSpec("sun397", "SUN397", "a photo of a {}.", "split_zhou_SUN397.json"),
-    "dtd": DatasetSpec("dtd", "images", "{} texture.", "split_zhou_DescribableTextures.json"),
-    "eurosat": DatasetSpec("eurosat", "2750", "a centered satellite photo of {}.",
+    "sun397": DatasetLayout("sun397", "SUN397", "a photo of a {}.", "split_zhou_SUN397.json"),
+    "dtd": DatasetLayout("dtd", "images", "{} texture.", "split_zhou_DescribableTextures.json"),
+    "eurosat": DatasetLayout("eurosat", "2750", "a centered satellite photo of {}.",
                            "split_zhou_EuroSAT.json", EUROSAT_NAMES),
-    "ucf101": DatasetSpec("ucf101", "UCF-101-midframes", "a photo of a person doing {}.",
+    "ucf101": DatasetLayout("ucf101", "UCF-101-midframes", "a photo of a person doing {}.",
                           "split_zhou_UCF101.json"),
-    "imagenetv2": DatasetSpec("imagenetv2", "imagenetv2-matched-frequency-format-val",
+    "imagenetv2": DatasetLayout("imagenetv2", "imagenetv2-matched-frequency-format-val",
                               "a photo of a {}.", reader="imagenet_variant"),
-    "imagenet_sketch": DatasetSpec("imagenet-sketch", "images", "a photo of a {}.",
+    "imagenet_sketch": DatasetLayout("imagenet-sketch", "images", "a photo of a {}.",
                                    reader="imagenet_variant"),
-    "imagenet_a": DatasetSpec("imagenet-adversarial", "imagenet-a", "a photo of a {}.",
+    "imagenet_a": DatasetLayout("imagenet-adversarial", "imagenet-a", "a photo of a {}.",
                               reader="imagenet_variant", ignored=("README.txt",)),
-    "imagenet_r": DatasetSpec("imagenet-rendition", "imagenet-r", "a photo of a {}.",
+    "imagenet_r": DatasetLayout("imagenet-rendition", "imagenet-r", "a photo of a {}.",
                               reader="imagenet_variant", ignored=("README.txt",)),
 }
 
@@ -113,7 +113,7 @@ DATASET_META_HELP = ('the dataset\'s description, a JSON object {"template": "a 
                      '"classnames": [name of label 0, name of label 1, ...]} (both optional)')
 
 
-def register_dataset(name: str, spec: DatasetSpec) -> None:
+def register_dataset(name: str, spec: DatasetLayout) -> None:
     """Add a dataset to the registry (e.g. from a notebook) so `--dataset name` finds it."""
     REGISTRY[name] = spec
 
@@ -237,7 +237,7 @@ def _read_split_file(split_file: Path, image_root: Path, renames: dict[str, str]
         ) from None
 
 
-def _read_split_json(spec: DatasetSpec, folder: Path) -> dict[str, list[Item]]:
+def _read_split_json(spec: DatasetLayout, folder: Path) -> dict[str, list[Item]]:
     split_file = folder / spec.split_file
     if not split_file.is_file():
         raise UserError(
@@ -254,7 +254,7 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def _read_fgvc(spec: DatasetSpec, folder: Path) -> dict[str, list[Item]]:
+def _read_fgvc(spec: DatasetLayout, folder: Path) -> dict[str, list[Item]]:
     """FGVC-Aircraft: variants.txt gives the classes, images_variant_<split>.txt the items."""
     variants = _require(folder / "variants.txt", "FGVC-Aircraft class list")
     classnames = [line.strip() for line in variants.read_text().splitlines() if line.strip()]
@@ -283,7 +283,7 @@ def _images_by_class(image_root: Path, folders: list[str], names: list[str]) -> 
             if path.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def _read_imagenet(spec: DatasetSpec, folder: Path) -> dict[str, list[Item]]:
+def _read_imagenet(spec: DatasetLayout, folder: Path) -> dict[str, list[Item]]:
     """ImageNet: images/train/<wnid>/, images/val/<wnid>/; val doubles as test (as CoOp)."""
     names = _imagenet_classnames(folder)
     wnids = sorted(names)
@@ -292,7 +292,7 @@ def _read_imagenet(spec: DatasetSpec, folder: Path) -> dict[str, list[Item]]:
     return {"train": read["train"], "val": read["val"], "test": read["val"]}
 
 
-def _read_imagenet_variant(spec: DatasetSpec, folder: Path) -> dict[str, list[Item]]:
+def _read_imagenet_variant(spec: DatasetLayout, folder: Path) -> dict[str, list[Item]]:
     """Test-only ImageNet variants: class folders named by wnid, or by label index (V2)."""
     names = _imagenet_classnames(folder)
     image_root = _require(folder / spec.image_dir, "image folder")

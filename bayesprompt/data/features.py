@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from bayesprompt.clip import FrozenCLIP
+from bayesprompt.clip.model import FrozenCLIP
 from bayesprompt.data.datasets import Item
 from bayesprompt.errors import UserError, first_line
 from bayesprompt.files import make_folder, save_torch

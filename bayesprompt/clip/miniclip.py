@@ -13,7 +13,6 @@ Weights are stored in fp16; open_clip's ``load_state_dict`` casts them into the 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,18 +24,14 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from tqdm import tqdm
 
-from bayesprompt.data import procedural as world
+from bayesprompt.clip.text_tower import causal_text_features
 from bayesprompt.files import save_torch
-from bayesprompt.text_tower import causal_text_features
+from bayesprompt.paths import cache_root
+from bayesprompt.world import procedural as world
 
 MODEL_NAME = "MiniCLIP"
 CONFIG_PATH = Path(__file__).parent / "configs" / "MiniCLIP.json"
 PACKAGED_WEIGHTS = Path(__file__).parent / "weights" / "miniclip.pt"
-
-
-def cache_dir() -> Path:
-    """User cache folder of bayesprompt ($BAYESPROMPT_CACHE or ~/.cache/bayesprompt)."""
-    return Path(os.environ.get("BAYESPROMPT_CACHE", Path.home() / ".cache" / "bayesprompt"))
 
 
 def register_miniclip() -> None:
@@ -47,7 +42,7 @@ def register_miniclip() -> None:
 
 def miniclip_weights_path() -> Path:
     """The committed weights file if present, else the path in the user cache."""
-    return PACKAGED_WEIGHTS if PACKAGED_WEIGHTS.exists() else cache_dir() / "miniclip.pt"
+    return PACKAGED_WEIGHTS if PACKAGED_WEIGHTS.exists() else cache_root() / "miniclip.pt"
 
 
 def ensure_miniclip() -> Path:

@@ -1,7 +1,18 @@
-"""The 80 ImageNet prompt templates of CLIP's zero-shot evaluation (Radford et al., 2021).
+"""Hand-crafted prompt templates and the one zero-shot classifier builder.
 
-Each contains one ``{}`` for the class name: ``IMAGENET_TEMPLATES[0].format("goldfish")``.
+`IMAGENET_TEMPLATES` are the 80 templates of CLIP's zero-shot evaluation (Radford et al., 2021),
+each with one `{}` for the class name: `IMAGENET_TEMPLATES[0].format("goldfish")`.
+`zero_shot_classifier` turns templates into class text features: zero-shot CLIP, E2MIM's
+hand-crafted view and the analysis' template coverage all use it.
 """
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bayesprompt.clip.model import FrozenCLIP
+from bayesprompt.program.prompts import prompt_classname
 
 IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a bad photo of a {}.",
@@ -85,3 +96,27 @@ IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a photo of a small {}.",
     "a tattoo of the {}.",
 )
+
+#: Seven of them: the ensemble of E2MIM's hand-crafted view (`--set templates=ensemble`; the
+#: dataset's own template is added).
+ENSEMBLE_TEMPLATES = tuple(t for t in IMAGENET_TEMPLATES if t in {
+    "a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}.",
+    "a photo of the small {}.", "a good photo of a {}.", "itap of a {}.", "art of the {}."})
+
+
+@torch.no_grad()
+def template_text_features(clip: FrozenCLIP, classnames: list[str], templates: list[str],
+                           batch_size: int = 512) -> torch.Tensor:
+    """Unit-norm text features of every template for every class: (K, C, D)."""
+    texts = [t.format(prompt_classname(c)) for t in templates for c in classnames]
+    features = torch.cat([clip.encode_texts(texts[i:i + batch_size])
+                          for i in range(0, len(texts), batch_size)])
+    return features.reshape(len(templates), len(classnames), -1)
+
+
+def zero_shot_classifier(clip: FrozenCLIP, classnames: list[str], templates: list[str]
+                         ) -> torch.Tensor:
+    """Class text features (C, D) of hand-crafted templates: the mean of the K templates'
+    unit-norm features, renormalised."""
+    features = template_text_features(clip, classnames, templates)       # (K, C, D)
+    return F.normalize(features.mean(0), dim=-1)

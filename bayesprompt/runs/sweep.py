@@ -34,7 +34,9 @@ from tqdm.auto import tqdm
 
 from bayesprompt.errors import RunInterrupted, UserError
 from bayesprompt.files import read_json, write_json
-from bayesprompt.runs import RunConfig, changed_options, train_and_evaluate
+from bayesprompt.runs.config import RunConfig
+from bayesprompt.runs.folder import changed_options
+from bayesprompt.runs.train import train_and_evaluate
 
 EXECUTORS = ("local", "slurm", "none")
 #: Seconds between two looks at the running local jobs.

@@ -25,8 +25,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from bayesprompt.data import procedural as world
 from bayesprompt.files import current_umask, make_folder, write_error, write_json
+from bayesprompt.paths import data_root
+from bayesprompt.world import procedural as world
 
 TEMPLATE = "a photo of a {}."
 #: Bumped whenever the rendering of the downstream datasets changes: older copies are rebuilt.
@@ -35,7 +36,7 @@ SPLIT_SIZES = {"train": 40, "val": 10, "test": 50}  # images per class
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
+class GeneratedDataset:
     """Classes as (colour, shape) pairs in label order, the nuisance domain and a seed."""
 
     classes: tuple[tuple[str, str], ...]
@@ -71,12 +72,12 @@ def _styled(style: str) -> world.Domain:
     return replace(world.DOWNSTREAM_DOMAIN, style_probs=((style, 1.0),))
 
 
-DATASETS: dict[str, DatasetSpec] = {
-    "miniworld": DatasetSpec(MINIWORLD_CLASSES, world.DOWNSTREAM_DOMAIN, seed=100),
-    "miniworld_b": DatasetSpec(MINIWORLD_B_CLASSES, world.DOWNSTREAM_DOMAIN, seed=200),
-    "miniworld_sketch": DatasetSpec(MINIWORLD_CLASSES, _styled("sketch"), seed=300),
-    "miniworld_noise": DatasetSpec(MINIWORLD_CLASSES, _styled("noise"), seed=400),
-    "miniworld_recolor": DatasetSpec(MINIWORLD_CLASSES, _styled("recolor"), seed=500),
+DATASETS: dict[str, GeneratedDataset] = {
+    "miniworld": GeneratedDataset(MINIWORLD_CLASSES, world.DOWNSTREAM_DOMAIN, seed=100),
+    "miniworld_b": GeneratedDataset(MINIWORLD_B_CLASSES, world.DOWNSTREAM_DOMAIN, seed=200),
+    "miniworld_sketch": GeneratedDataset(MINIWORLD_CLASSES, _styled("sketch"), seed=300),
+    "miniworld_noise": GeneratedDataset(MINIWORLD_CLASSES, _styled("noise"), seed=400),
+    "miniworld_recolor": GeneratedDataset(MINIWORLD_CLASSES, _styled("recolor"), seed=500),
 }
 
 #: The datasets `experiments/benchmark.py` runs when no --datasets are given, per protocol:
@@ -90,18 +91,12 @@ BENCHMARK_DEFAULTS: dict[str, list[str] | tuple[str, list[str]]] = {
 }
 
 
-def default_data_root() -> Path:
-    """Default root of the offline datasets: $BAYESPROMPT_DATA or ~/.cache/bayesprompt/data."""
-    default = Path.home() / ".cache" / "bayesprompt" / "data"
-    return Path(os.environ.get("BAYESPROMPT_DATA", default))
-
-
 def classnames(name: str) -> list[str]:
     """Class names of dataset `name` in label order, as they appear in prompts."""
     return [f"{color} {shape}" for color, shape in DATASETS[name].classes]
 
 
-def _write_images(spec: DatasetSpec, folder: Path) -> dict[str, list]:
+def _write_images(spec: GeneratedDataset, folder: Path) -> dict[str, list]:
     """Render every split into folder/images and return the split entries."""
     rng = np.random.default_rng(spec.seed)
     names = [f"{c} {s}" for c, s in spec.classes]
@@ -122,10 +117,10 @@ def _write_images(spec: DatasetSpec, folder: Path) -> dict[str, list]:
 
 
 def write_offline_dataset(name: str, root: Path | str | None = None) -> Path:
-    """Write dataset `name` under root (default_data_root()) unless present; return its folder."""
+    """Write dataset `name` under root (data_root()) unless present; return its folder."""
     if name not in DATASETS:
         raise ValueError(f"unknown offline dataset {name!r}; choose from {sorted(DATASETS)}")
-    root = Path(root) if root is not None else default_data_root()
+    root = Path(root) if root is not None else data_root()
     target = root / name
     if _version(target) == WORLD_VERSION:
         return target

@@ -42,11 +42,10 @@ from bayesprompt.files import atomic_write
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-    from bayesprompt.infer import ObjectiveTerms
+    from bayesprompt.inference.objectives import ObjectiveTerms
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_FOLDER = "tensorboard"
-LOSS_CURVE_FILE = "loss_curve.png"
 #: The statistics of `posterior_scale`, in the order of `ObjectiveTerms.posterior_scale`.
 SCALE_STATISTICS = ("mean", "min", "max")
 
@@ -239,13 +238,3 @@ class TrainingLog:
             self.writer = None
 
 
-def write_loss_curve(folder: Path | str) -> Path | None:
-    """`loss_curve.png` of a run folder from its metrics.jsonl (None when it has no rows)."""
-    folder = Path(folder)
-    rows = read_rows(folder / METRICS_FILE)
-    if not rows:
-        return None
-    # bayesprompt.analysis imports ArviZ (seconds): only this function needs it
-    from bayesprompt.analysis.plots import plot_loss_curve
-    plot_loss_curve(rows, folder / LOSS_CURVE_FILE)
-    return folder / LOSS_CURVE_FILE

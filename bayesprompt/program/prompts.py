@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bayesprompt.clip import FrozenCLIP
+from bayesprompt.clip.model import FrozenCLIP
 from bayesprompt.errors import UserError
 
 

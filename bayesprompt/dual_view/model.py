@@ -29,19 +29,14 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 
-from bayesprompt.clip import FrozenCLIP
+from bayesprompt.clip.model import FrozenCLIP
+from bayesprompt.dual_view.mi_bounds import BOUNDS, Critic, critic_objective
+from bayesprompt.dual_view.mixup import LABELS, Mixup, class_mixup
 from bayesprompt.errors import UserError
-from bayesprompt.infer import GROUP_OPTIMIZERS
-from bayesprompt.mixup import LABELS, Mixup, class_mixup
-from bayesprompt.mutual_information import BOUNDS, Critic, critic_objective
-from bayesprompt.prompt_model import OptimizerGroup, PromptConfig, PromptModel
-from bayesprompt.prompts import prompt_classname
+from bayesprompt.options import check_field_value
+from bayesprompt.program import GROUP_OPTIMIZERS, OptimizerGroup, PromptConfig, PromptModel
+from bayesprompt.program.templates import ENSEMBLE_TEMPLATES, zero_shot_classifier
 
-#: Generic templates of the "ensemble" hand-crafted view (ours; the dataset's is added to them).
-ENSEMBLE_TEMPLATES = (
-    "a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}.",
-    "a photo of the small {}.", "a good photo of a {}.", "itap of a {}.", "art of the {}.",
-)
 TEMPLATES = ("dataset", "ensemble")
 
 
@@ -66,16 +61,14 @@ class E2MIMOptions:
     @classmethod
     def parse(cls, options: dict) -> E2MIMOptions:
         """Options dict -> checked E2MIMOptions, or a UserError naming the bad option."""
-        types = {f.name: type(f.default) for f in fields(cls)}
-        unknown = sorted(set(options) - set(types))
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
         if unknown:
-            raise UserError(f"Unknown E2MIM option(s) {unknown}; known: {', '.join(types)}.")
-        for key, value in options.items():
-            kind = types[key]
-            valid = isinstance(value, kind) or (kind is float and isinstance(value, int))
-            if not valid or (kind is not bool and isinstance(value, bool)):
-                raise UserError(f"--set {key}= expects a {kind.__name__}, got {value!r}.")
-        parsed = cls(**{k: (float(v) if types[k] is float else v) for k, v in options.items()})
+            raise UserError(f"Unknown E2MIM option(s) {unknown}; known: {', '.join(names)}.")
+        try:
+            parsed = cls(**{k: check_field_value(cls, k, v) for k, v in options.items()})
+        except ValueError as error:
+            raise UserError(f"--set {error}.") from None
         choices = {"mi_bound": BOUNDS, "mixup_label": LABELS, "templates": TEMPLATES,
                    "critic_optimizer": GROUP_OPTIMIZERS}
         for key, allowed in choices.items():
@@ -88,15 +81,6 @@ class E2MIMOptions:
         if parsed.critic_lr <= 0:
             raise UserError("--set critic_lr= must be positive.")
         return parsed
-
-
-def handcrafted_text_features(clip: FrozenCLIP, classnames: list[str], templates: list[str]
-                              ) -> torch.Tensor:
-    """Mean of the unit-norm template text features, renormalised: (C, D)."""
-    per_template = torch.stack([
-        clip.encode_texts([t.format(prompt_classname(c)) for c in classnames]) for t in templates
-    ])                                                                    # (K, C, D)
-    return F.normalize(per_template.mean(0), dim=-1)
 
 
 def with_mixed(values: torch.Tensor, mix: Mixup | None) -> torch.Tensor:
@@ -164,7 +148,7 @@ class DualViewModel(PromptModel):
         templates = [self.config.template]
         if self.options.templates == "ensemble":
             templates += [t for t in ENSEMBLE_TEMPLATES if t != self.config.template]
-        self.handcrafted_text = handcrafted_text_features(self.clip, classnames, templates)
+        self.handcrafted_text = zero_shot_classifier(self.clip, classnames, templates)
 
     def mix(self, image_features: torch.Tensor, labels: torch.Tensor | None) -> Mixup | None:
         """Class-wise Mixup of a training batch (B, D); None when predicting, off or no pair."""

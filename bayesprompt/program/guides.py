@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from torch import nn
+
+if TYPE_CHECKING:
+    from bayesprompt.program.base import PromptModel
 
 
 def elu_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -32,3 +39,23 @@ def diagonal_normal(loc: torch.Tensor, log_var: torch.Tensor, event_dims: int
                     ) -> dist.Distribution:
     """N(loc, diag(exp(log_var))) with the last `event_dims` dimensions as one event."""
     return dist.Normal(loc, torch.exp(0.5 * log_var)).to_event(event_dims)
+
+
+def point_context(program: PromptModel) -> torch.Tensor:
+    """The MAP guide of a context site: "ctx" ~ Delta(ctx_map), the parameter "ctx_map"
+    (n_ctx, W) starting at the initial context, KL-weighted as the prior it stands for."""
+    ctx_map = pyro.param("ctx_map", program.init_ctx.clone())
+    with poutine.scale(scale=program.config.kl_weight):
+        return pyro.sample("ctx", dist.Delta(ctx_map, event_dim=2))
+
+
+def amortized_residual(program: PromptModel, image_features: torch.Tensor,
+                       dataset_size: int | None) -> torch.Tensor:
+    """The amortized guide of a per-image residual: r_i ~ N(mean(f_i), exp(log_var(f_i))) in
+    the images plate, from the program's `posterior_net` (an AmortizedGaussian); (B, W)."""
+    posterior_net = pyro.module("posterior_net", program.posterior_net,
+                                update_module_params=True)
+    r_loc, r_scale = posterior_net(image_features)                      # (B, W) each
+    with program.images(image_features, dataset_size):
+        with poutine.scale(scale=program.config.kl_weight):
+            return pyro.sample("r", dist.Normal(r_loc, r_scale).to_event(1))

@@ -23,9 +23,9 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from bayesprompt.clip import FrozenCLIP
+from bayesprompt.clip.model import FrozenCLIP
 from bayesprompt.errors import UserError
-from bayesprompt.prompts import ClassPrompts, initial_context
+from bayesprompt.program.prompts import ClassPrompts, initial_context
 
 
 @dataclass
@@ -39,6 +39,10 @@ class PromptConfig:
     residual_scale: float = 1.0
     template: str = "a photo of a {}."
     options: dict = field(default_factory=dict)
+
+
+#: The optimisers an `OptimizerGroup` may name.
+GROUP_OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -117,13 +121,14 @@ class PromptModel(nn.Module):
             guide_trace = poutine.trace(self.guide).get_trace(features, labels, 2)
             poutine.replay(self.model, trace=guide_trace)(features, labels, 2)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The learned parameters (detached copies), not the frozen CLIP: what saving a
-        trained program must keep. `load_state_dict` restores them."""
+    def prompt_state(self) -> dict[str, torch.Tensor]:
+        """The learned parameters by name (detached copies), not the frozen CLIP: what saving a
+        trained program must keep. `load_prompt_state` restores them. (nn.Module's
+        `state_dict` is left as torch defines it: the module's buffers and submodules.)"""
         return {name: value.detach().clone() for name, value in self.learned_parameters().items()}
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Restore parameters saved by `state_dict` (same names and shapes), on this device."""
+    def load_prompt_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore parameters saved by `prompt_state` (same names and shapes), on this device."""
         self.initialize_parameters()
         current = self._param_state["params"]
         if set(state) != set(current):
@@ -173,10 +178,13 @@ class PromptModel(nn.Module):
     def text_features(self, context: torch.Tensor) -> torch.Tensor:
         """Context (..., n_ctx, W) -> unit-norm class text features (..., C, D).
 
-        The [SOS] + context prefix is encoded once for all C classes (see `text_tower`).
+        The [SOS] + context prefix is encoded once for all C classes (see `text_tower`). The
+        features are recorded as the deterministic site "text_features" of the trace, which
+        analysis reads (objectives ignore deterministic sites).
         """
-        return self.clip.encode_shared_prefix(self.prompts.shared_prefix(context),
-                                              self.prompts.suffix, self.prompts.eot_index)
+        features = self.clip.encode_shared_prefix(self.prompts.shared_prefix(context),
+                                                  self.prompts.suffix, self.prompts.eot_index)
+        return pyro.deterministic("text_features", features)
 
     def class_logits(self, image_features: torch.Tensor, text_features: torch.Tensor
                      ) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Inference: objectives, the SVI loop, checkpoints, the posterior predictive, training logs."""

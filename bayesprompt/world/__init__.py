@@ -1,0 +1,1 @@
+"""The offline world: a procedural image-caption generator and its downstream datasets."""
