@@ -1,6 +1,6 @@
 """Pretrain MiniCLIP on the procedural world and report zero-shot accuracy.
 
-PYTHONPATH=. python experiments/pretrain_miniclip.py --out bayesprompt/weights/miniclip.pt
+PYTHONPATH=. python experiments/pretrain_miniclip.py --out bayesprompt/clip/weights/miniclip.pt
 """
 
 import argparse

@@ -12,7 +12,7 @@ training: y_i ~ Categorical(p_B(x_i)); per-image factors in the data plate:
 predict:  y_i ~ Categorical(w p_A(x_i) + (1 - w) p_B(x_i)),  w = fusion_weight.
 guide: ctx = ctx_map, a point (Delta), initialised from the words of `ctx_init`.
 Needs --batch-size >= 2 for Mixup and MI. Options (--set) and which choices are ours, not the
-paper's: bayesprompt.e2mim.E2MIMOptions and docs/E2MIM.md.
+paper's: bayesprompt.dual_view.E2MIMOptions and docs/E2MIM.md.
 """
 
 import pyro

@@ -7,7 +7,7 @@ A Mixup image lam x_i + (1 - lam) x_j (renormalised) takes the residual lam r_i 
 training: y_i ~ Categorical(p_B(x_i)); factors: Mixup loss and mi_weight * MI bound (e2mim.py);
 predict:  y_i ~ Categorical(w p_A(x_i) + (1 - w) p_B(x_i)),  w = fusion_weight.
 guide  : r_i ~ N(mean(f_i), exp(log_var(f_i))), amortized on the real image feature f_i.
-Needs --batch-size >= 2 for Mixup and MI. Options (--set): bayesprompt.e2mim.E2MIMOptions
+Needs --batch-size >= 2 for Mixup and MI. Options (--set): bayesprompt.dual_view.E2MIMOptions
 and docs/E2MIM.md.
 """
 

@@ -33,8 +33,8 @@ def test_the_wheel_holds_one_top_level_package_with_models_analysis_and_data(whe
     assert {name.split("/")[0] for name in names} == {"bayesprompt",
                                                        f"{wheel.name.split('-py')[0]}.dist-info"}
     for path in ("bayesprompt/models/vpt_cond.py", "bayesprompt/analysis/posterior.py",
-                 "bayesprompt/commands/train.py", "bayesprompt/weights/miniclip.pt",
-                 "bayesprompt/configs/MiniCLIP.json",
+                 "bayesprompt/commands/train.py", "bayesprompt/clip/weights/miniclip.pt",
+                 "bayesprompt/clip/configs/MiniCLIP.json",
                  "bayesprompt/analysis/notebooks/posterior_diagnostics.ipynb"):
         assert path in names
     entry_points = zipfile.ZipFile(wheel).read(

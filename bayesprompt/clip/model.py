@@ -47,7 +47,7 @@ class FrozenCLIP(nn.Module):
 
     Text features are computed from token *embeddings* (so context vectors can be learned or
     sampled) by the causal text transformer cut at the longest EOT position of the batch, with
-    the [SOS] + context prefix shared by all classes (`bayesprompt.text_tower`), in chunks
+    the [SOS] + context prefix shared by all classes (`bayesprompt.clip.text_tower`), in chunks
     under `text_budget`.
     """
 

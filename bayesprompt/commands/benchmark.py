@@ -21,7 +21,7 @@ Protocols (the layouts of CoOp, CoCoOp and Bayesian Prompt Learning):
                          per run with its axis values and its results.json metrics.
     python experiments/benchmark.py --protocol grid --grid lr=0.001,0.002 --grid seed=1,2 \\
         --set dataset=eurosat --set root=~/data
-Without --datasets, the offline world's (bayesprompt.data.offline_world.BENCHMARK_DEFAULTS).
+Without --datasets, the offline world's (bayesprompt.world.downstream.BENCHMARK_DEFAULTS).
 
 Runs are ordinary run folders, DIR/DATASET/MODEL[-VARIANT]/seedS (grid: DIR/KEY=VALUE,...). A
 finished run is reused only when its config.json equals the requested configuration (but for
@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="settings", action="append", default=[],
                         metavar="KEY=VALUE",
                         help="a run-configuration field for every run (RunConfig in "
-                        "bayesprompt/runs.py: epochs=20, batch_size=1, objective=paper, "
+                        "bayesprompt/runs/config.py: epochs=20, batch_size=1, objective=paper, "
                         "residual_scale=1, root=..., backbone=..., pretrained=none, "
                         "grad_checkpointing=true, ...; parsed by the field's type as "
                         "svi_train.py's flags: none for an optional field's default, "
