@@ -124,6 +124,16 @@ def plot_selective_prediction(
     save_figure(fig, path)
 
 
+def principal_components(points: np.ndarray, k: int = 2
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PCA of points (M, D): their mean (D,), the first k components (k, D) with a fixed sign
+    (largest entry positive) and the fraction of the variance each explains (k,)."""
+    mean = points.mean(axis=0)
+    _, singular, vt = np.linalg.svd(points - mean, full_matrices=False)
+    vt *= np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])[:, None]
+    return mean, vt[:k], singular[:k] ** 2 / (singular**2).sum()
+
+
 def plot_feature_projection(
     text_samples: Any,
     template_features: Any,
@@ -171,27 +181,16 @@ def plot_feature_projection(
         "templates": lambda c: templates[:, c],
     }
     points = {(c, kind): per_kind[kind](c) for kind in kinds for c in classes}
-    stacked = np.concatenate(list(points.values()))
-    mean = stacked.mean(axis=0)
-    _, singular, vt = np.linalg.svd(stacked - mean, full_matrices=False)
-    vt *= np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])[:, None]  # fix PC signs
-    explained = singular[:2] ** 2 / (singular**2).sum()
+    mean, components, explained = principal_components(np.concatenate(list(points.values())))
 
     fig = new_figure(figsize=(6.4, 5.0))
     ax = fig.subplots()
     colours = matplotlib.colormaps["tab10"]
     for (c, kind), x in points.items():
         marker, size, alpha = kinds[kind]
-        xy = (x - mean) @ vt[:2].T
-        ax.scatter(
-            xy[:, 0],
-            xy[:, 1],
-            s=size,
-            marker=marker,
-            alpha=alpha,
-            color=colours(classes.index(c) % 10),
-            linewidths=1,
-        )
+        xy = (x - mean) @ components.T
+        ax.scatter(xy[:, 0], xy[:, 1], s=size, marker=marker, alpha=alpha,
+                   color=colours(classes.index(c) % 10), linewidths=1)
     class_handles = [
         Line2D([], [], ls="", marker="s", color=colours(i % 10), label=classnames[c])
         for i, c in enumerate(classes)
