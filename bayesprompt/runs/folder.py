@@ -1,0 +1,81 @@
+"""The run folder: whether one holds a run, which options a resume may not change, and a
+trained program rebuilt from its config.json and checkpoint.pt."""
+
+from __future__ import annotations
+
+from bayesprompt.clip.model import FrozenCLIP
+from bayesprompt.data.datasets import Dataset
+from bayesprompt.errors import UserError
+from bayesprompt.files import read_json
+from bayesprompt.inference.checkpoint import load_checkpoint
+from bayesprompt.program.base import PromptModel
+from bayesprompt.runs.config import EXECUTION_OPTIONS
+from bayesprompt.runs.config import RunConfig
+from bayesprompt.runs.inputs import load_run_clip
+from bayesprompt.runs.inputs import run_identity
+from bayesprompt.runs.inputs import split_datasets
+from bayesprompt.runs.model_files import build_program
+from dataclasses import asdict
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+import json
+
+
+#: What a run folder's config.json holds, for the message about a damaged one.
+RUN_CONFIG_FILE = ("the run's options as written by svi_train.py; restore the file, or train "
+                   "the run again into a new --out folder")
+
+
+def holds_run(out: Path) -> bool:
+    """True when `out` holds (part of) a run: its config, checkpoint or results."""
+    return any((out / name).exists() for name in ("config.json", "checkpoint.pt",
+                                                  "results.json"))
+
+
+def changed_options(saved: dict, config: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """name -> (value in `saved`, value in `config`) of every option in which a run folder's
+    config.json differs from `config`. `out` (spelled differently, or the folder moved) and the
+    EXECUTION_OPTIONS do not count; an option a run of an older version did not record counts
+    as its default."""
+    requested = json.loads(json.dumps(asdict(config)))
+    defaults = json.loads(json.dumps(asdict(RunConfig())))
+    values = {k: (saved.get(k, defaults.get(k)), requested.get(k))
+              for k in sorted(saved.keys() | requested.keys())
+              if k not in ("out", *EXECUTION_OPTIONS)}
+    return {k: pair for k, pair in values.items() if pair[0] != pair[1]}
+
+
+def check_resume(config: RunConfig, out: Path) -> None:
+    """A run folder is resumed only with the options it was started with (`changed_options`)."""
+    config_file = out / "config.json"
+    if not config_file.is_file():
+        return
+    changed = changed_options(read_json(config_file, RUN_CONFIG_FILE), config)
+    if changed:
+        details = "; ".join(f"{k}: run has {there!r}, now {now!r}"
+                            for k, (there, now) in changed.items())
+        raise UserError(f"--resume with other options than the run in {out} ({details}). "
+                        "Resume with the run's options, or start a new run with another --out.")
+
+
+def load_run(run_dir: Path, device: str | None = None
+             ) -> tuple[RunConfig, PromptModel, FrozenCLIP, Dataset, Dataset | None]:
+    """Rebuild a trained run: its config, program (parameters restored), CLIP and datasets."""
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{run_dir} is not a run folder: no config.json there.")
+    saved = read_json(config_file, RUN_CONFIG_FILE)
+    config = RunConfig(**{f.name: saved[f.name] for f in fields(RunConfig) if f.name in saved})
+    config = config.resolved()  # fills options that runs of older versions did not record
+    if device:
+        config.device = device
+    base, new, _ = split_datasets(config)
+    clip = load_run_clip(config)
+    program = build_program(config, clip, base.classnames, base.template)
+    checkpoint = run_dir / "checkpoint.pt"
+    if checkpoint.exists():
+        program.initialize_parameters()
+        with program.param_scope():
+            load_checkpoint(checkpoint, run_identity(config, clip, base.classnames), clip.device)
+    return config, program, clip, base, new
