@@ -109,7 +109,7 @@ def loss_and_gradients(setting: Setting, device: str, precision: str
     with cpu_noise(3):
         loss = objective(features.to(clip.device), labels.to(clip.device), 80)
         loss.backward()
-    return float(loss), {name: value.grad.detach().cpu()
+    return float(loss.detach()), {name: value.grad.detach().cpu()
                          for name, value in program.learned_parameters().items()}
 
 
