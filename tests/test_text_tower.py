@@ -248,9 +248,10 @@ def test_a_changed_weight_is_cast_again() -> None:
     assert not torch.equal(before, after)
 
 
-#: bf16 keeps 8 significant bits; over the tiny tower's 2 layers unit-norm features stay
-#: within 2e-2 of open_clip's own bf16 computation, and gradients within 5e-2 (normwise).
-BF16_FEATURE_TOLERANCE, BF16_GRADIENT_TOLERANCE = 2e-2, 5e-2
+#: bf16 keeps 8 significant bits: unit-norm features stay within 1e-2 of open_clip's own bf16
+#: computation and gradients within 3e-2 (normwise; measured: 4e-3 and 1.4e-2 on the tiny
+#: tower, 1.5e-3 and 1.1e-2 on ViT-B/16).
+BF16_FEATURE_TOLERANCE, BF16_GRADIENT_TOLERANCE = 1e-2, 3e-2
 
 
 @pytest.mark.parametrize("backbone", [TINY_BACKBONE, "ViT-B-16"])
