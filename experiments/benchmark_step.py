@@ -197,6 +197,8 @@ def reference_particles(clip: FrozenCLIP, num_classes: int, num_particles: int
                         ) -> tuple[int, str | None]:
     """Particles of the reference-style step that fit the available memory, at most
     `num_particles` (0: not one), and the line that says why, when fewer than asked."""
+    if clip.device.type == "cuda":  # blocks our step's allocator keeps count as free
+        torch.cuda.empty_cache()
     available = free_memory_bytes(clip.device)
     per_particle = reference_step_bytes(clip, num_classes)
     fitting = min(num_particles, int(REFERENCE_MEMORY_SHARE * available // per_particle))

@@ -359,7 +359,7 @@ def environment(setting: Setting) -> dict:
             "cpu_threads": torch.get_num_threads()}
     if setting.device == "cuda":
         info.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(),
-                    cuda=torch.version.cuda, nccl=".".join(map(str, torch.cuda.nccl.version())))
+                    cuda=torch.version.cuda, nccl=str(torch.cuda.nccl.version()))
     return info
 
 
@@ -370,7 +370,8 @@ def markdown(report: dict) -> str:
              + (f", CUDA {env['cuda']}" if "cuda" in env else ""), "",
              "| section | status | seconds | result |", "|---|---|---|---|"]
     for name, result in report["sections"].items():
-        text = result["detail"] + (f" ({result['reason']})" if result["status"] == "skipped"
+        reason = result.get("reason")
+        text = result["detail"] + (f" ({reason})" if reason and result["status"] != "pass"
                                    else "")
         lines.append(f"| {name} | {result['status']} | {result['seconds']:.0f} | "
                      f"{text.replace('|', '/')} |")
