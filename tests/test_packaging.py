@@ -34,7 +34,7 @@ def test_the_wheel_holds_one_top_level_package_with_models_analysis_and_data(whe
                                                        f"{wheel.name.split('-py')[0]}.dist-info"}
     for path in ("bayesprompt/models/vpt_cond.py", "bayesprompt/analysis/posterior.py",
                  "bayesprompt/commands/train.py", "bayesprompt/weights/miniclip.pt",
-                 "bayesprompt/configs/MiniCLIP.json",
+                 "bayesprompt/configs/MiniCLIP.json", "bayesprompt/configs/tiny_clip.json",
                  "bayesprompt/analysis/notebooks/posterior_diagnostics.ipynb"):
         assert path in names
     entry_points = zipfile.ZipFile(wheel).read(
