@@ -214,6 +214,22 @@ def reference_particles(clip: FrozenCLIP, num_classes: int, num_particles: int
                      f"extrapolated to {num_particles} by FLOPs (linear in L x C).")
 
 
+def flop_counting_note(clip: FrozenCLIP, program: PromptModel, sequences: int,
+                       precision: str) -> str | None:
+    """Why our step's FLOPs cannot be counted here (the counter keeps the activations of all
+    `sequences` = L x B x C prompts alive, recomputed chunks too), or None when they fit."""
+    suffix_len, prefix_len = program.prompts.suffix.shape[-2], 1 + program.config.n_ctx
+    need = sequences * sequence_bytes(clip.text, suffix_len, prefix_len + suffix_len,
+                                      PRECISIONS[precision], True)
+    available = free_memory_bytes(clip.device)
+    if need <= REFERENCE_MEMORY_SHARE * available:
+        return None
+    return (f"FLOPs of our step not counted: the counter keeps the activations of all "
+            f"{sequences} prompts, about {need / 2**30:.1f} GiB, more than "
+            f"{REFERENCE_MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB available "
+            "(--skip-flops says so up front).")
+
+
 def reference_flops_per_prompts(clip: FrozenCLIP, classname: str, n_ctx: int
                                 ) -> tuple[int, int]:
     """(K, f): a reference-style step of P = L x C prompts does K + P f FLOPs (K: the image
@@ -309,7 +325,12 @@ def main(argv: list[str] | None = None) -> None:
             our_peak, our_peak_bytes = peak_memory(device), peak_bytes(device)
             if device.type == "cuda":  # the reference-style step's own peak from here on
                 torch.cuda.reset_peak_memory_stats(device)
-            our_flops = None if args.skip_flops else counted_flops(ours)
+            counting_note = None if args.skip_flops else flop_counting_note(
+                clip, program, args.num_particles * args.batch_size * len(classnames),
+                precision)
+            if counting_note:
+                print(counting_note)
+            our_flops = None if args.skip_flops or counting_note else counted_flops(ours)
             if not args.no_reference:
                 particles, reference_note = reference_particles(clip, len(classnames),
                                                                 args.num_particles)
