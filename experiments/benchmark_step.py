@@ -13,7 +13,11 @@ the ratio is taken under the same load; the spread over rounds shows the noise o
 machine. FLOPs are counted by `torch.utils.flop_counter` (matrix products; attention scores,
 1-3% of the work here, are not counted on the CPU) and set against a matmul of the same
 precision timed in the same run. `--no-reference` measures our step alone, e.g. its peak
-memory (the process's peak RSS, or the CUDA allocator's peak).
+memory (the process's peak RSS, or the CUDA allocator's peak). The reference-style step's
+memory is estimated first; when its L x C full-length prompts would not fit the available
+memory, it runs with as many particles as fit and its time and FLOPs are extrapolated to L by
+its FLOPs (linear in L x C), or, when not one particle fits, it is skipped; either way one line
+says so.
 """
 
 from __future__ import annotations
@@ -32,16 +36,24 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bayesprompt.clip.factory import load_clip
 from bayesprompt.clip.model import PRECISIONS, FrozenCLIP
-from bayesprompt.clip.text_tower import TextBudget, causal_text_features
+from bayesprompt.clip.text_tower import (
+    TextBudget,
+    causal_text_features,
+    free_memory_bytes,
+    sequence_bytes,
+)
 from bayesprompt.commands.cli import add_common_arguments, run_main
 from bayesprompt.data.datasets import EUROSAT_NAMES
 from bayesprompt.files import write_json
 from bayesprompt.inference.objectives import OBJECTIVES, PAPER_KL_WEIGHT, make_objective
-from bayesprompt.program import PromptConfig, PromptModel
+from bayesprompt.program.base import PromptConfig, PromptModel
 from bayesprompt.program.guides import AmortizedGaussian
 from bayesprompt.program.prompts import initial_context, prompt_classname
 from bayesprompt.runs.config import default_precision
 from bayesprompt.runs.model_files import load_model_class
+
+#: Share of the available memory (RAM, or free GPU memory) a reference-style step may take.
+REFERENCE_MEMORY_SHARE = 0.8
 
 
 def synchronize(device: torch.device) -> None:
@@ -175,6 +187,59 @@ class ReferenceStyleStep:
         self.optimizer.step()
 
 
+def reference_step_bytes(clip: FrozenCLIP, num_prompts: int) -> int:
+    """Estimated peak memory of a reference-style step of `num_prompts` (L x C) prompts: the
+    text tower's activations of full-length fp32 sequences kept for the backward pass."""
+    length = clip.text.positional_embedding.shape[0]
+    return num_prompts * sequence_bytes(clip.text, length, length, torch.float32, True)
+
+
+def reference_particles(clip: FrozenCLIP, num_classes: int, num_particles: int
+                        ) -> tuple[int, str | None]:
+    """Particles of the reference-style step that fit the available memory, at most
+    `num_particles` (0: not one), and the line that says why, when fewer than asked."""
+    if clip.device.type == "cuda":  # blocks our step's allocator keeps count as free
+        torch.cuda.empty_cache()
+    available = free_memory_bytes(clip.device)
+    per_particle = reference_step_bytes(clip, num_classes)
+    fitting = min(num_particles, int(REFERENCE_MEMORY_SHARE * available // per_particle))
+    if fitting == num_particles:
+        return fitting, None
+    need = (f"the reference-style step's {num_particles} x {num_classes} full-length prompts "
+            f"need about {num_particles * per_particle / 2**30:.1f} GiB for the backward pass, "
+            f"more than {REFERENCE_MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB "
+            f"available on {clip.device}")
+    if fitting == 0:
+        return 0, f"{need}, and one particle needs {per_particle / 2**30:.1f} GiB: skipped."
+    return fitting, (f"{need}: it runs with {fitting} particles, its time and FLOPs "
+                     f"extrapolated to {num_particles} by FLOPs (linear in L x C).")
+
+
+def flop_counting_note(clip: FrozenCLIP, program: PromptModel, sequences: int,
+                       precision: str) -> str | None:
+    """Why our step's FLOPs cannot be counted here (the counter keeps the activations of all
+    `sequences` = L x B x C prompts alive, recomputed chunks too), or None when they fit."""
+    suffix_len, prefix_len = program.prompts.suffix.shape[-2], 1 + program.config.n_ctx
+    need = sequences * sequence_bytes(clip.text, suffix_len, prefix_len + suffix_len,
+                                      PRECISIONS[precision], True)
+    available = free_memory_bytes(clip.device)
+    if need <= REFERENCE_MEMORY_SHARE * available:
+        return None
+    return (f"FLOPs of our step not counted: the counter keeps the activations of all "
+            f"{sequences} prompts, about {need / 2**30:.1f} GiB, more than "
+            f"{REFERENCE_MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB available "
+            "(--skip-flops says so up front).")
+
+
+def reference_flops_per_prompts(clip: FrozenCLIP, classname: str, n_ctx: int
+                                ) -> tuple[int, int]:
+    """(K, f): a reference-style step of P = L x C prompts does K + P f FLOPs (K: the image
+    tower and the posterior; f: one full-length prompt), from steps of one and two prompts."""
+    one, two = (counted_flops(ReferenceStyleStep(clip, [classname] * n, n_ctx, 1))
+                for n in (1, 2))
+    return 2 * one - two, two - one
+
+
 def figures(seconds: float, flops: int | None, images: int, prompts: int, tokens: int,
             machine_flops: float) -> dict:
     """Per-step figures of a timed step (FLOP figures None when not counted)."""
@@ -196,10 +261,16 @@ def describe(name: str, row: dict) -> str:
             f"({100 * row['of_matmul']:.0f}% of matmul)")
 
 
-def peak_memory(device: torch.device) -> str:
+def peak_bytes(device: torch.device) -> int:
+    """The CUDA allocator's peak since its last reset, or the process's peak RSS."""
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on the GPU"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB peak RSS"
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory(device: torch.device) -> str:
+    where = "allocated on the GPU" if device.type == "cuda" else "peak RSS"
+    return f"{peak_bytes(device) / 2**30:.2f} GiB {where}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -246,17 +317,38 @@ def main(argv: list[str] | None = None) -> None:
     ours.count_prompts()  # also the warm-up step
     machine = {name: matmul_flops_per_second(device, PRECISIONS[name])
                for name in dict.fromkeys(["fp32", precision])}
-    reference = reference_flops = None
+    reference = reference_flops = reference_note = None
+    scale = 1.0  # the reference-style step's FLOPs at L over those of the step that runs
     rounds = []
     for index in range(args.rounds):
         our_seconds = timed(ours, device, args.repeats, warmup=0)
         if index == 0:  # our peak, before FLOP counting and the reference-style step
-            our_peak = peak_memory(device)
-            our_flops = None if args.skip_flops else counted_flops(ours)
+            our_peak, our_peak_bytes = peak_memory(device), peak_bytes(device)
+            if device.type == "cuda":  # the reference-style step's own peak from here on
+                torch.cuda.reset_peak_memory_stats(device)
+            counting_note = None if args.skip_flops else flop_counting_note(
+                clip, program, args.num_particles * args.batch_size * len(classnames),
+                precision)
+            if counting_note:
+                print(counting_note)
+            our_flops = None if args.skip_flops or counting_note else counted_flops(ours)
             if not args.no_reference:
-                reference = ReferenceStyleStep(clip, classnames, args.n_ctx, args.num_particles)
-                reference_flops = counted_flops(reference)  # also its warm-up step
-        reference_seconds = None if reference is None else timed(
+                particles, reference_note = reference_particles(clip, len(classnames),
+                                                                args.num_particles)
+                if reference_note:
+                    print(reference_note)
+                if particles:
+                    reference = ReferenceStyleStep(clip, classnames, args.n_ctx, particles)
+                    reference_flops = counted_flops(reference)  # also its warm-up step
+                if 0 < particles < args.num_particles:
+                    fixed, per_prompt = reference_flops_per_prompts(clip, classnames[0],
+                                                                    args.n_ctx)
+                    full = fixed + per_prompt * args.num_particles * len(classnames)
+                    scale, reference_flops = full / reference_flops, full
+                    reference.prompts = args.num_particles * len(classnames)
+                    reference.prompt_tokens = reference.prompt_tokens * args.num_particles \
+                        // particles
+        reference_seconds = None if reference is None else scale * timed(
             reference, device, args.reference_repeats, warmup=0)
         rounds.append((our_seconds, reference_seconds))
     our_seconds = statistics.median(r[0] for r in rounds)
@@ -268,7 +360,8 @@ def main(argv: list[str] | None = None) -> None:
         "matmul_gflop_per_s": {name: value / 1e9 for name, value in machine.items()},
         "ours": figures(our_seconds, our_flops, args.batch_size, ours.prompts,
                         ours.prompt_tokens, machine[precision]),
-        "our_peak_memory": our_peak,
+        "our_peak_memory": our_peak, "our_peak_gib": our_peak_bytes / 2**30,
+        "reference_note": reference_note,
         "text_budget_gib": clip.text_budget.memory_bytes(device) / 2**30,
         "prompt_chunk": args.prompt_chunk,
     }
@@ -284,6 +377,9 @@ def main(argv: list[str] | None = None) -> None:
         results["reference_style"] = figures(reference_seconds, reference_flops, 1,
                                              reference.prompts, reference.prompt_tokens,
                                              machine["fp32"])
+        results["reference_style"].update(
+            particles_run=reference.num_particles, extrapolated=scale != 1.0,
+            peak_gib=peak_bytes(device) / 2**30 if device.type == "cuda" else None)
         results["speedup_per_image"] = {
             "median": statistics.median(ratios) * args.batch_size,
             "min": min(ratios) * args.batch_size, "max": max(ratios) * args.batch_size}

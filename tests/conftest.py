@@ -1,42 +1,18 @@
-"""Fixtures: a tiny random-init open_clip backbone and a generated CoOp-format EuroSAT tree."""
+"""Fixtures: a tiny random-init open_clip backbone and a generated CoOp-format EuroSAT tree
+(bayesprompt.data.fixtures)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip imports huggingface_hub
 
-from bayesprompt.data.datasets import EUROSAT_NAMES  # noqa: E402
+from bayesprompt.data.fixtures import TINY_BACKBONE, write_eurosat  # noqa: E402
 
-TESTS = Path(__file__).resolve().parent
-TINY_BACKBONE = str(TESTS / "tiny_clip.json")
-EUROSAT_FOLDERS = sorted(EUROSAT_NAMES)
-
-
-def write_eurosat(root: Path, per_class: tuple[int, int, int] = (6, 2, 3)) -> Path:
-    """ROOT/eurosat/2750/<Folder>/<Folder>_<i>.jpg and split_zhou_EuroSAT.json (CoOp names)."""
-    folder = root / "eurosat"
-    rng = np.random.default_rng(0)
-    split = {"train": [], "val": [], "test": []}
-    for label, class_folder in enumerate(EUROSAT_FOLDERS):
-        (folder / "2750" / class_folder).mkdir(parents=True, exist_ok=True)
-        colour = rng.integers(0, 255, size=3)
-        index = 0
-        for name, count in zip(split, per_class, strict=True):
-            for _ in range(count):
-                pixels = np.clip(colour + rng.normal(0, 30, (40, 40, 3)), 0, 255)
-                relative = f"{class_folder}/{class_folder}_{index}.jpg"
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / "2750" / relative)
-                split[name].append([relative, label, EUROSAT_NAMES[class_folder]])
-                index += 1
-    (folder / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
-    return root
+__all__ = ["TINY_BACKBONE", "write_eurosat"]
 
 
 @pytest.fixture(scope="session")

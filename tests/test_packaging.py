@@ -35,6 +35,7 @@ def test_the_wheel_holds_one_top_level_package_with_models_analysis_and_data(whe
     for path in ("bayesprompt/models/vpt_cond.py", "bayesprompt/analysis/posterior.py",
                  "bayesprompt/commands/train.py", "bayesprompt/clip/weights/miniclip.pt",
                  "bayesprompt/clip/configs/MiniCLIP.json",
+                 "bayesprompt/clip/configs/tiny_clip.json",
                  "bayesprompt/analysis/notebooks/posterior_diagnostics.ipynb"):
         assert path in names
     entry_points = zipfile.ZipFile(wheel).read(

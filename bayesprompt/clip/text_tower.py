@@ -18,7 +18,9 @@ Two paths read the same open_clip modules (the weights and the reference stay op
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -174,42 +176,76 @@ def _prefix_keys_values(tower: nn.Module, prefix: torch.Tensor
 def _suffix_features(tower: nn.Module, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]],
                      suffix: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
     """Suffixes (1 or G, C, S, W) after prefixes given by their keys/values, EOT positions
-    (C,) or (G, C) -> (G, C, D)."""
+    (C,) or (G, C) -> (G, C, D).
+
+    Row-wise work runs on the N suffix rows up to each EOT only (`SuffixRows`): the rows after
+    a shorter class name's EOT, its padding to the longest name, can never reach an EOT.
+    """
     blocks = tower.transformer.resblocks
     groups, _, prefix_len, _ = prefix_kv[0][0].shape
-    n_classes, suffix_len, width = suffix.shape[-3:]
+    n_classes, suffix_len = suffix.shape[-3:-1]
+    rows = SuffixRows(groups, n_classes, suffix_len, eot_index - prefix_len)
     positions = tower.positional_embedding[prefix_len:prefix_len + suffix_len]
-    x = (suffix + positions.to(suffix.dtype)).expand(groups, n_classes, suffix_len, width)
+    x = rows.take(suffix + positions.to(suffix.dtype))                       # (N, W)
     mask = torch.ones(suffix_len, prefix_len + suffix_len, dtype=torch.bool,
                       device=x.device).tril(prefix_len)  # the prefix, then causal
     for block, (k, v) in zip(blocks[:-1], prefix_kv[:-1], strict=True):
         if tower.transformer.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(_suffix_layer, block, x, k, v, mask, use_reentrant=False)
+            x = checkpoint(_suffix_layer, block, x, k, v, mask, rows, use_reentrant=False)
         else:
-            x = _suffix_layer(block, x, k, v, mask)
+            x = _suffix_layer(block, x, k, v, mask, rows)
     last = blocks[-1]
     y = last.ln_1(x)
-    _, k, v = _queries_keys_values(last, y, queries=False)
+    _, k, v = _queries_keys_values(last, y, queries=False, pad=rows.pad)   # (G, C, h, S, d)
     k, v = (_with_prefix(p, s) for p, s in zip(prefix_kv[-1], (k, v), strict=True))
-    eot = eot_index.expand(groups, n_classes)
-    at_eot = (torch.arange(groups, device=x.device)[:, None],
-              torch.arange(n_classes, device=x.device), eot - prefix_len)
-    q = _queries_keys_values(last, y[at_eot].unsqueeze(-2), keys=False)[0]  # (G, C, h, 1, d)
-    visible = torch.arange(prefix_len + suffix_len, device=x.device) <= eot[..., None]
-    attended = _attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-                          visible.flatten(0, 1)[:, None, None])
-    x = _block_output(last, x[at_eot].unsqueeze(-2), attended.unflatten(0, (groups, n_classes)))
-    return _project(tower, tower.ln_final(x.squeeze(-2)))
+    at_eot = y[rows.eot].unsqueeze(-2)                                       # (G C, 1, W)
+    q = _queries_keys_values(last, at_eot, keys=False)[0]                    # (G C, h, 1, d)
+    keys = torch.arange(prefix_len + suffix_len, device=x.device)
+    visible = keys <= prefix_len + rows.eot_in_suffix                      # (G C, p + S)
+    attended = _attention(q, k.flatten(0, 1), v.flatten(0, 1), visible[:, None, None])
+    x = _block_output(last, x[rows.eot].unsqueeze(-2), attended)            # (G C, 1, W)
+    return _project(tower, tower.ln_final(x.squeeze(-2))).unflatten(0, (groups, n_classes))
+
+
+class SuffixRows:
+    """The N rows of G x C suffixes of S positions that lie at or before their EOT.
+
+    `eot_in_suffix` (C,) or (G, C): each EOT's position within the suffix. Row-wise work
+    (projections, MLP, norms) runs on (N, ...) rows; attention pads them to (G, C, S, ...).
+    """
+
+    def __init__(self, groups: int, n_classes: int, suffix_len: int,
+                 eot_in_suffix: torch.Tensor) -> None:
+        eot = eot_in_suffix.expand(groups, n_classes).reshape(-1)              # (G C,)
+        valid = torch.arange(suffix_len, device=eot.device) <= eot[:, None]    # (G C, S)
+        self.shape = (groups, n_classes, suffix_len)
+        self.index = valid.flatten().nonzero().squeeze(1)                      # (N,)
+        row_of = torch.zeros(valid.numel(), dtype=torch.long, device=eot.device)
+        row_of[self.index] = torch.arange(self.index.numel(), device=eot.device)
+        #: The row of each (g, c)'s EOT (G C,), and its position within the suffix (G C, 1).
+        self.eot = row_of[torch.arange(eot.numel(), device=eot.device) * suffix_len + eot]
+        self.eot_in_suffix = eot[:, None]
+
+    def take(self, padded: torch.Tensor) -> torch.Tensor:
+        """(G or 1, C, S, F) -> (N, F): the rows up to each EOT (1: shared by all groups)."""
+        flat = padded.flatten(0, -2)
+        index = self.index % flat.shape[0] if padded.shape[0] == 1 else self.index
+        return flat.index_select(0, index)
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, F) -> (G, C, S, F), zeros after each EOT."""
+        padded = rows.new_zeros(math.prod(self.shape), rows.shape[-1])
+        return padded.index_copy(0, self.index, rows).unflatten(0, self.shape)
 
 
 def _suffix_layer(block: nn.Module, x: torch.Tensor, prefix_k: torch.Tensor,
-                  prefix_v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One layer on suffix rows (G, C, S, W) that attend to the prefix and causally."""
-    groups, n_classes = x.shape[:2]
-    q, k, v = _queries_keys_values(block, block.ln_1(x))
+                  prefix_v: torch.Tensor, mask: torch.Tensor, rows: SuffixRows) -> torch.Tensor:
+    """One layer on suffix rows (N, W) that attend to the prefix and causally."""
+    groups, n_classes, _ = rows.shape
+    q, k, v = _queries_keys_values(block, block.ln_1(x), pad=rows.pad)   # (G, C, h, S, d)
     k, v = _with_prefix(prefix_k, k), _with_prefix(prefix_v, v)
     attended = _attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask)
-    return _block_output(block, x, attended.unflatten(0, (groups, n_classes)))
+    return _block_output(block, x, attended.unflatten(0, (groups, n_classes)), take=rows.take)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -234,11 +270,13 @@ def _with_prefix(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
 
 
 def _queries_keys_values(block: nn.Module, y: torch.Tensor, queries: bool = True,
-                         keys: bool = True) -> tuple[torch.Tensor | None, ...]:
+                         keys: bool = True, pad: Callable[[torch.Tensor], torch.Tensor] | None
+                         = None) -> tuple[torch.Tensor | None, ...]:
     """Normalised rows (..., T, W) -> q, k, v (..., heads, T, W / heads); None where not asked.
 
     Reads `in_proj_weight`/`in_proj_bias` of nn.MultiheadAttention or open_clip's Attention,
-    and applies its per-head `ln_q`/`ln_k` where present.
+    and applies its per-head `ln_q`/`ln_k` where present. `pad` maps projected rows (N, F) to
+    (..., T, F) first (`SuffixRows.pad`).
     """
     attn = block.attn
     width = y.shape[-1]
@@ -246,8 +284,10 @@ def _queries_keys_values(block: nn.Module, y: torch.Tensor, queries: bool = True
              (keys, slice(2 * width, 3 * width))]
     wanted = [part for asked, part in parts if asked]
     rows = slice(wanted[0].start, wanted[-1].stop)
-    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[rows]
-    projected = F.linear(y, attn.in_proj_weight[rows], bias)
+    bias = None if attn.in_proj_bias is None else compute_weight(attn.in_proj_bias)[rows]
+    projected = F.linear(y, compute_weight(attn.in_proj_weight)[rows], bias)
+    if pad is not None:
+        projected = pad(projected)
     split = iter(projected.unflatten(-1, (len(wanted), attn.num_heads, -1))  # (..., T, n, h, d)
                  .movedim(-3, 0).transpose(-3, -2).unbind(0))
     q, k, v = (next(split) if asked else None for asked, _ in parts)
@@ -258,26 +298,63 @@ def _queries_keys_values(block: nn.Module, y: torch.Tensor, queries: bool = True
     return q, k, v
 
 
-def _block_output(block: nn.Module, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+def _block_output(block: nn.Module, x: torch.Tensor, attended: torch.Tensor,
+                  take: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Residual rows (..., T, W) and attention output (..., heads, T, d) -> the block's output.
 
     Head scale, inner norm, output projection, post-attention norm and LayerScale where the
-    block has them; then the MLP half of the block.
+    block has them; then the MLP half of the block. `take` maps the merged heads
+    (G, C, S, W) to the residual's rows (N, W) first (`SuffixRows.take`).
     """
     attn = block.attn
     if getattr(attn, "head_scale", None) is not None:
         attended = attended * attn.head_scale
     out = attended.movedim(-3, -2).flatten(-2)
-    out = attn.out_proj(getattr(attn, "ln_inner", nn.Identity())(out))
+    if take is not None:
+        out = take(out)
+    out = _linear(attn.out_proj, getattr(attn, "ln_inner", nn.Identity())(out))
     x = x + block.ls_1(getattr(block, "ln_attn", nn.Identity())(out))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+    y = block.ln_2(x)
+    if not isinstance(block.mlp, nn.Sequential):
+        return x + block.ls_2(block.mlp(y))
+    for layer in block.mlp:
+        y = _linear(layer, y) if isinstance(layer, nn.Linear) else layer(y)
+    return x + block.ls_2(y)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` with its frozen weights cast once to autocast's dtype (`compute_weight`)."""
+    bias = None if layer.bias is None else compute_weight(layer.bias)
+    return F.linear(x, compute_weight(layer.weight), bias)
+
+
+def compute_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A frozen weight in the dtype autocast computes in, cast once and kept on the tensor.
+
+    Autocast caches its casts only of weights that require grad, so a frozen CLIP's weights
+    were cast again in every call (ViT-B/16's text tower: 38M weights, twice per step). The
+    copy is the one autocast makes, so results do not change; it is made again when the
+    weight's dtype, device, storage or version (an in-place change) differ. Outside autocast,
+    and for weights that require grad, `weight` itself.
+    """
+    device = weight.device.type
+    if (weight.requires_grad or not weight.is_floating_point()
+            or not torch.is_autocast_enabled(device)):
+        return weight
+    dtype = torch.get_autocast_dtype(device)
+    key = (dtype, weight.dtype, weight.device, weight.data_ptr(), weight._version)
+    cached = getattr(weight, "_bayesprompt_cast", None)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().to(dtype))
+        weight._bayesprompt_cast = cached
+    return cached[1]
 
 
 def _project(tower: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """EOT rows after ln_final (..., W) -> (..., D) through `text_projection`."""
     if isinstance(tower.text_projection, nn.Linear):
-        return tower.text_projection(x)
-    return x if tower.text_projection is None else x @ tower.text_projection
+        return _linear(tower.text_projection, x)
+    return x if tower.text_projection is None else x @ compute_weight(tower.text_projection)
 
 
 def check_supported(tower: nn.Module, identity: str) -> None:

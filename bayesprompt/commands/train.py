@@ -11,9 +11,9 @@ Re-run a saved run, with some options changed:
     python experiments/svi_train.py --config runs/eurosat/vpt_cond/base_shots16_seed1/config.json \\
         --seed 2
 
-Every field of RunConfig (bayesprompt/runs/config.py) is an option: --field-name VALUE (`none` for an
-optional field's default), --flag/--no-flag, --list-field A B ..., --set KEY=VALUE for a model
-file's own options.
+Every field of RunConfig (bayesprompt/runs/config.py) is an option: --field-name VALUE
+(`none` for an optional field's default), --flag/--no-flag, --list-field A B ..., --set
+KEY=VALUE for a model file's own options.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def _training_x(rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, str]:
 
 
 def plot_loss_curve(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Training curves from the rows of a run's metrics.jsonl (`bayesprompt.inference.training_log`).
+    """Training curves from the rows of a run's metrics.jsonl (`inference/training_log.py`).
 
     Panels: the loss, its NLL and KL terms, the learning rates, the posterior scale (mean of
     each site with its min-max band) when the guide has one, and the factor terms when the

@@ -3,21 +3,19 @@ defaults, the checks of numeric values and the library's device and precision de
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
 from bayesprompt.data.datasets import known_datasets
 from bayesprompt.data.splits import SUBSAMPLES
 from bayesprompt.errors import UserError
 from bayesprompt.inference.objectives import OBJECTIVES
-from bayesprompt.paths import cache_root
-from bayesprompt.paths import data_root
-from collections.abc import Callable
-from dataclasses import asdict
-from dataclasses import dataclass
-from dataclasses import field
-from pathlib import Path
-from typing import Any
-import math
-import torch
-
+from bayesprompt.paths import cache_root, data_root
 
 #: Options that change how fast and in how much memory a run goes, not its results: a run may
 #: be resumed with other values.
@@ -61,7 +59,7 @@ FALLBACK_DEFAULTS = DatasetDefaults(10, 10)
 def option(default: Any = None, help: str = "", choices: tuple | None = None,
            factory: Callable[[], Any] | None = None) -> Any:
     """A RunConfig field with its command-line help (and allowed values): the one place an
-    option is declared; `bayesprompt.commands.cli.add_config_arguments` makes the flags from these."""
+    option is declared; `commands.cli.add_config_arguments` makes the flags from these."""
     metadata = {"help": help, "choices": choices}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)

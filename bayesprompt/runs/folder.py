@@ -3,24 +3,20 @@ trained program rebuilt from its config.json and checkpoint.pt."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
 from bayesprompt.clip.model import FrozenCLIP
 from bayesprompt.data.datasets import Dataset
 from bayesprompt.errors import UserError
 from bayesprompt.files import read_json
 from bayesprompt.inference.checkpoint import load_checkpoint
 from bayesprompt.program.base import PromptModel
-from bayesprompt.runs.config import EXECUTION_OPTIONS
-from bayesprompt.runs.config import RunConfig
-from bayesprompt.runs.inputs import load_run_clip
-from bayesprompt.runs.inputs import run_identity
-from bayesprompt.runs.inputs import split_datasets
+from bayesprompt.runs.config import EXECUTION_OPTIONS, RunConfig
+from bayesprompt.runs.inputs import load_run_clip, run_identity, split_datasets
 from bayesprompt.runs.model_files import build_program
-from dataclasses import asdict
-from dataclasses import fields
-from pathlib import Path
-from typing import Any
-import json
-
 
 #: What a run folder's config.json holds, for the message about a damaged one.
 RUN_CONFIG_FILE = ("the run's options as written by svi_train.py; restore the file, or train "

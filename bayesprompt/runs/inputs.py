@@ -3,16 +3,14 @@ frozen CLIP and the identity a checkpoint must match."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bayesprompt.clip.factory import load_clip
 from bayesprompt.clip.model import FrozenCLIP
 from bayesprompt.clip.text_tower import TextBudget
-from bayesprompt.data.datasets import Dataset
-from bayesprompt.data.datasets import load_dataset
-from bayesprompt.data.splits import FewShot
-from bayesprompt.data.splits import few_shot
-from bayesprompt.data.splits import subsample_classes
+from bayesprompt.data.datasets import Dataset, load_dataset
+from bayesprompt.data.splits import FewShot, few_shot, subsample_classes
 from bayesprompt.runs.config import RunConfig
-from pathlib import Path
 
 
 def split_datasets(config: RunConfig) -> tuple[Dataset, Dataset | None, FewShot]:

@@ -5,19 +5,14 @@ a protocol, the KEY=VALUE settings and a grid's axes."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from bayesprompt.errors import UserError
-from bayesprompt.options import LIST_SEPARATOR
-from bayesprompt.options import parse_field_value
-from bayesprompt.options import parse_options
+from bayesprompt.options import LIST_SEPARATOR, parse_field_value, parse_options
 from bayesprompt.runs.config import RunConfig
 from bayesprompt.runs.model_files import load_model_class
 from bayesprompt.world.downstream import BENCHMARK_DEFAULTS
-from dataclasses import dataclass
-from dataclasses import field
-from dataclasses import fields
-from pathlib import Path
-
 
 PROTOCOLS = ("base2new", "cross_dataset", "domain_generalization", "grid")
 
@@ -89,8 +84,8 @@ def parse_settings(pairs: list[str], where: str, allow_model: bool = False,
             settable = ", ".join(name for name in FIELD_NAMES if name not in chosen)
             raise UserError(
                 f"{where}: '{key}' is not a field of the run configuration (RunConfig in "
-                f"bayesprompt/runs/config.py). Settable fields: {settable}. A model file's own option "
-                f"is set as options.KEY=VALUE, e.g. options.mi_weight=0.")
+                f"bayesprompt/runs/config.py). Settable fields: {settable}. A model file's own "
+                "option is set as options.KEY=VALUE, e.g. options.mi_weight=0.")
     return settings, options
 
 

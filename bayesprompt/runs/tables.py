@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
+from pathlib import Path
 
 from bayesprompt.metrics import harmonic_mean
 from bayesprompt.runs.protocols import Row
-from pathlib import Path
-import math
-
 
 #: base2new columns read from results.json: (key in results.json, column title, is percent).
 BASE2NEW_COLUMNS = (("base_acc", "base", True), ("new_acc", "new", True),
