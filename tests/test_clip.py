@@ -75,3 +75,21 @@ def test_non_causal_text_tower_is_refused(tmp_path) -> None:
     path.write_text(json.dumps(config))
     with pytest.raises(UserError, match="tiny_siglip.*'last'.*not causal"):
         load_clip(str(path))
+
+
+def test_the_embedded_weights_are_identified_by_their_content(monkeypatch, tmp_path) -> None:
+    """A run trained with MiniCLIP's own weights loads from any checkout or installation: the
+    identity names the weights' digest, not the path and time of the file."""
+    from bayesprompt.clip import factory, miniclip
+
+    first = load_clip("MiniCLIP").identity
+    copy = tmp_path / "miniclip.pt"
+    copy.write_bytes(miniclip.miniclip_weights_path().read_bytes())
+    monkeypatch.setitem(factory.EMBEDDED_WEIGHTS, "MiniCLIP", lambda: copy)
+    assert load_clip("MiniCLIP").identity == first
+    assert ":embedded-sha256:" in first
+    state = torch.load(copy, weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name] + 1
+    torch.save(state, copy)  # other weights: another identity
+    assert load_clip("MiniCLIP").identity != first

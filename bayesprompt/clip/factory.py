@@ -176,7 +176,8 @@ def load_clip(backbone: str, pretrained: str | None = None, device: str = "cpu",
                 "--pretrained, or give an open_clip model name or config JSON with --pretrained."
             )
         hub = _hub_model(name, hub_cache_dir)
-    elif pretrained is None and name in EMBEDDED_WEIGHTS:
+    embedded = hub is None and pretrained is None and name in EMBEDDED_WEIGHTS
+    if embedded:
         pretrained = str(EMBEDDED_WEIGHTS[name]())
     if pretrained:
         _check_pretrained(name, pretrained)
@@ -196,7 +197,8 @@ def load_clip(backbone: str, pretrained: str | None = None, device: str = "cpu",
     _causal_text_tower(model, name)  # before the tokenizer, which may need other packages
     stats = image_stats(model, name)
     if hub is None:
-        identity = f"{name}:{config_digest(name)}:{_weights_identity(pretrained)}"
+        weights = _embedded_identity(pretrained) if embedded else _weights_identity(pretrained)
+        identity = f"{name}:{config_digest(name)}:{weights}"
     else:
         identity = f"{name}:{config_digest(name, hub.config)}:hf-hub@{hub.revision}"
     tokenizer = open_clip.get_tokenizer(name, cache_dir=hub_cache_dir)
@@ -257,6 +259,12 @@ def _checkpoint_problem(model: nn.Module, name: str, checkpoint: str, error: Exc
             f"{len(missing)} parameters missing, {len(unexpected)} unexpected and {len(resized)} "
             f"of another shape (first: {first}). Pass the checkpoint trained for {name}, or the "
             "--backbone the checkpoint was trained with.")
+
+
+def _embedded_identity(path: str) -> str:
+    """The identity of the project's own weights file: its content's digest, so that a run
+    trained with them loads from any checkout or installation of the same weights."""
+    return "embedded-sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _weights_identity(pretrained: str | None) -> str:
