@@ -477,6 +477,8 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
                 curve = history.factors.setdefault(name, [None] * epoch)
                 curve.append(float(factor_totals[name] / factor_images[name])
                              if name in factor_totals else None)
+            if epoch + 1 == config.epochs:
+                program.after_training(features, labels)
             if log is not None:
                 log.write("epoch", epoch + 1, *_learning_rates(sgd, groups))
             if checkpoint is not None and distributed.is_main_process():

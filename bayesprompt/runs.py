@@ -462,18 +462,23 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
         return None
     write_loss_curve(out)
 
+    from bayesprompt.selective import results_entries  # imports ArviZ (seconds): only here
     shared: dict[str, torch.Tensor] = {}
-    base_acc, base_probs, _ = evaluate(program, clip, base, config, shared)
+    base_acc, base_probs, base_labels = evaluate(program, clip, base, config, shared)
+    splits = {"base": (base_probs, base_labels)}  # split -> (probs, labels) for selective.py
     new_acc, metrics = None, {"new_ece": None, "new_nll": None, "mi_auroc_new_vs_base": None}
     if new is not None:
         new_acc, new_probs, new_labels = evaluate(program, clip, new, config, shared)
         metrics = new_class_metrics(program, base_probs, new_probs, new_labels)
-    transfer = {name: evaluate(program, clip, dataset, config, shared)[0]
-                for name, dataset in transfer_sets.items()}
+        splits["new"] = (new_probs, new_labels)
+    transfer = {}
+    for name, dataset in transfer_sets.items():
+        transfer[name], probs, labels = evaluate(program, clip, dataset, config, shared)
+        splits[name] = (probs, labels)
     results = {
         "base_acc": base_acc, "new_acc": new_acc,
         "hm": harmonic_mean(base_acc, new_acc) if new_acc is not None else None,
-        **metrics, "transfer_acc": transfer,
+        **metrics, "transfer_acc": transfer, **results_entries(splits),
         "dataset": config.dataset, "model": config.model, "shots": config.shots,
         "seed": config.seed, "epochs": config.epochs, "num_particles": config.num_particles,
         "eval_samples": config.eval_samples, "eval_seed": config.eval_seed,
