@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bayesprompt.errors import UserError
 
-__all__ = ["Run", "UserError", "fit"]
+__all__ = ["Ensemble", "Run", "UserError", "fit"]
 
 # Installed, models/ and analysis/ are bayesprompt/models and bayesprompt/analysis. Imported
 # from a source checkout (the repository root on sys.path: `python -m pytest`, a notebook
@@ -26,4 +26,7 @@ def __getattr__(name: str) -> object:
     if name in ("Run", "fit"):
         from bayesprompt import api
         return getattr(api, name)
+    if name == "Ensemble":
+        from bayesprompt.ensemble import Ensemble
+        return Ensemble
     raise AttributeError(f"module 'bayesprompt' has no attribute {name!r}")

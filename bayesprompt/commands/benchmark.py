@@ -87,10 +87,15 @@ CHOSEN = {"dataset": "--datasets", "model": "--models (or model= in a --variant)
 #: What the benchmark chooses itself under --protocol grid: every other field may be set.
 GRID_CHOSEN = {name: CHOSEN[name] for name in ("out", "options", "device", "precision")}
 FIELD_NAMES = [item.name for item in fields(RunConfig)]
+#: Selective prediction on the new classes (bayesprompt/selective.py): dotted results.json keys.
+SELECTIVE_COLUMNS = (("aurc.new.msp", "AURC new", False),
+                     ("misclassification_auroc.new.msp", "err AUROC MSP", False),
+                     ("misclassification_auroc.new.mi", "err AUROC MI", False))
 #: base2new columns read from results.json: (key in results.json, column title, is percent).
 BASE2NEW_COLUMNS = (("base_acc", "base", True), ("new_acc", "new", True),
                     ("new_ece", "ECE new", False), ("new_nll", "NLL new", False),
-                    ("mi_auroc_new_vs_base", "AUROC MI", False))
+                    ("mi_auroc_new_vs_base", "AUROC MI", False),
+                    *SELECTIVE_COLUMNS)
 #: Keys of a table entry that hold one value; all others hold mean ± std over seeds.
 SCALAR_KEYS = ("dataset", "model", "seeds", "failed", "hm", "train_seconds")
 
@@ -205,14 +210,15 @@ def base2new_entries(results: dict[tuple[str, str], list[dict | None]], datasets
         for row in rows:
             if dataset is None:
                 per_seed = list(zip(*(results[d, row.label] for d in datasets), strict=True))
-                runs = [{key: average([r.get(key) for r in seed_runs])
+                runs = [{key: average([lookup(r, key) for r in seed_runs])
                          for key, _, _ in BASE2NEW_COLUMNS}
                         for seed_runs in per_seed if None not in seed_runs]
                 failed = len(per_seed) - len(runs)
             else:
                 runs = [r for r in results[dataset, row.label] if r is not None]
                 failed = len(results[dataset, row.label]) - len(runs)
-            cells = {key: mean_std([r.get(key) for r in runs]) for key, _, _ in BASE2NEW_COLUMNS}
+            cells = {key: mean_std([lookup(r, key) for r in runs])
+                     for key, _, _ in BASE2NEW_COLUMNS}
             base, new = cells["base_acc"], cells["new_acc"]
             hm = harmonic_mean(base["mean"], new["mean"]) if base and new else None
             seconds = mean_std([r.get("train_seconds") for r in runs])
@@ -220,6 +226,18 @@ def base2new_entries(results: dict[tuple[str, str], list[dict | None]], datasets
                             "seeds": len(runs), "failed": failed, **cells, "hm": hm,
                             "train_seconds": seconds["mean"] if seconds else None})
     return entries
+
+
+def lookup(results: dict, key: str) -> object:
+    """results[key], or for a dotted key "a.b.c" results["a"]["b"]["c"]; None where absent."""
+    if key in results:
+        return results[key]
+    value = results
+    for part in key.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def average(values: list[float | None]) -> float | None:
@@ -273,7 +291,8 @@ def table_datasets(entries: list[dict]) -> list[str]:
 
 
 def base2new_markdown(entries: list[dict], datasets: list[str]) -> str:
-    header = ["model", "base", "new", "HM", "ECE new", "NLL new", "AUROC MI", "train s"]
+    header = ["model", "base", "new", "HM", *(title for _, title, _ in BASE2NEW_COLUMNS[2:]),
+              "train s"]
     sections = []
     for dataset in table_datasets(entries):
         lines = [[row_name(e), *(show(e[k], pct) for k, _, pct in BASE2NEW_COLUMNS[:2]),
@@ -376,6 +395,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="--protocol grid: a field and its values; the runs are every "
                         "combination of the --grid axes, with the --set fields (any field, "
                         "dataset, model and seed too). Repeatable")
+    parser.add_argument("--ensemble", type=int, metavar="M",
+                        help="add a row MODEL-ensM per --ensemble-models model: the deep "
+                        "ensemble of M runs of that model with different seeds (for seed s: s, "
+                        "s + K, ..., s + (M - 1) K, K = max(seeds) - min(seeds) + 1), one "
+                        "predictive with S = M")
+    parser.add_argument("--ensemble-models", nargs="+", default=["coop"], metavar="MODEL",
+                        help="models of the --ensemble rows, among --models (default: coop)")
     parser.add_argument("--out", help="benchmark folder (default: runs/benchmark/PROTOCOL)")
     add_common_arguments(parser)
     add_sweep_arguments(parser)
@@ -400,6 +426,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sweep = sweep_options(args)
     if args.protocol == "grid":
+        if args.ensemble is not None:
+            raise UserError("--ensemble adds rows to the papers' tables; --protocol grid has "
+                            "one line per run (put the members' seeds on a --grid axis).")
         grid_main(args, sweep, command_line(argv))
         return
     if args.axes:
@@ -420,19 +449,32 @@ def main(argv: list[str] | None = None) -> None:
         load_dataset(dataset, root)
 
     runs = [(dataset, row, seed) for dataset in trained_on for row in rows for seed in seeds]
+    ensembles = ensemble_plan(args.ensemble, args.ensemble_models, rows, seeds)
+    extra = [(dataset, Row(model), member) for dataset in trained_on
+             for model, members in ensembles.items() for seed in seeds
+             for member in members[seed] if member not in seeds]
     configs = [RunConfig(**{**settings, **row.settings}, dataset=dataset, model=row.model,
                          seed=seed, subsample="base" if base2new else "all",
                          eval_on=[] if base2new else datasets[1:],
                          options={**options, **row.options}, device=args.device,
                          precision=precision,
                          out=str(out / Path(dataset).name / row.label / f"seed{seed}")
-                         ).resolved() for dataset, row, seed in runs]
+                         ).resolved() for dataset, row, seed in runs + extra]
     outcomes = run_sweep(configs, out, sweep, say)
     if outcomes is None:  # submitted to SLURM
         return
     results: dict[tuple[str, str], list[dict | None]] = {}
     for (dataset, row, _), outcome in zip(runs, outcomes, strict=True):
         results.setdefault((dataset, row.label), []).append(outcome.results)
+    finished = {config.out for config, outcome in zip(configs, outcomes, strict=True)
+                if not outcome.failed}
+    for model, members in ensembles.items():
+        row = Row(model, f"ens{args.ensemble}")
+        rows = [*rows, row]
+        for dataset in trained_on:
+            results[dataset, row.label] = [
+                ensemble_run(out, dataset, row, seed, members[seed], finished, args.device)
+                for seed in seeds]
 
     if base2new:
         entries = base2new_entries(results, datasets, rows)
@@ -440,7 +482,11 @@ def main(argv: list[str] | None = None) -> None:
         about = ("Base-to-new generalisation; accuracy in percent, mean ± sample std over "
                  "seeds; HM from the seed-mean base and new accuracies; ECE (fraction) and NLL "
                  "(nats) of the predictive mean on new classes; AUROC of the mutual "
-                 "information for new vs base test images (n/a: point-estimate model).")
+                 "information for new vs base test images (n/a: point-estimate model); on "
+                 "new classes, AURC (area under the risk-coverage curve, max-softmax score, "
+                 "lower is better) and the AUROC of telling misclassified from correct "
+                 "images by max softmax probability and by mutual information (n/a: S = 1). "
+                 "train s: training seconds (an ensemble: summed over its members).")
     else:
         entries = transfer_entries(results, datasets[0], datasets[1:], rows)
         body = transfer_markdown(entries, datasets[0], datasets[1:])
@@ -459,8 +505,64 @@ def main(argv: list[str] | None = None) -> None:
                                     "seeds": seeds, "rows": [row.label for row in rows],
                                     "command": command, "entries": entries})
     plot_grouped_bars(bar_panels(entries, args.protocol, datasets), out / "table.png")
+    if base2new:
+        plot_new_class_risk_coverage(results, datasets, rows, out / "risk_coverage_new.png")
     print(header + body)
     raise_failures(outcomes)
+
+
+def plot_new_class_risk_coverage(results: dict[tuple[str, str], list[dict | None]],
+                                 datasets: list[str], rows: list[Row], path: Path) -> None:
+    """Risk-coverage on new classes (max-softmax score), mean over the finished seeds, one
+    panel per dataset and one line per row (bayesprompt.selective's coverage grid)."""
+    from bayesprompt.analysis.compare import plot_risk_coverage
+    panels = {}
+    for dataset in datasets:
+        curves = {}
+        for row in rows:
+            found = [lookup(r, "risk_coverage.new") for r in results[dataset, row.label] if r]
+            found = [curve for curve in found if curve]
+            if found:
+                curves[row.label] = (found[0]["coverage"],
+                                     [statistics.mean(values) for values in
+                                      zip(*(curve["msp"] for curve in found), strict=True)])
+        if curves:
+            panels[f"{Path(dataset).name}, new classes (mean over seeds)"] = curves
+    if panels:
+        plot_risk_coverage(panels, path)
+
+
+def ensemble_plan(size: int | None, models: list[str], rows: list[Row], seeds: list[int]
+                  ) -> dict[str, dict[int, list[int]]]:
+    """--ensemble: model -> seed -> the seeds of its M members (disjoint across seeds), or {}."""
+    if size is None:
+        return {}
+    if size < 2:
+        raise UserError(f"--ensemble must be 2 or more (members per ensemble), got {size}.")
+    plain = [row.model for row in rows if not row.variant]
+    missing = [model for model in models if model not in plain]
+    if missing:
+        raise UserError(f"--ensemble-models {' '.join(missing)}: not among --models "
+                        f"({' '.join(plain)}); an ensemble row needs its model's own row.")
+    stride = max(seeds) - min(seeds) + 1
+    return {model: {seed: [seed + j * stride for j in range(size)] for seed in seeds}
+            for model in dict.fromkeys(models)}
+
+
+def ensemble_run(out: Path, dataset: str, row: Row, seed: int, members: list[int],
+                 finished: set[str], device: str) -> dict | None:
+    """The ensemble of a row's member runs (folders DIR/DATASET/MODEL/seedS): its results,
+    also written to DIR/DATASET/MODEL-ensM/seedS/results.json; None if a member failed."""
+    from bayesprompt.ensemble import ensemble_results
+    folders = [out / Path(dataset).name / Path(row.model).stem / f"seed{member}"
+               for member in members]
+    if any(str(folder.resolve()) not in finished for folder in folders):
+        return None
+    results = ensemble_results(folders, device)
+    folder = out / Path(dataset).name / row.label / f"seed{seed}"
+    make_folder(folder)
+    write_json(folder / "results.json", results)
+    return results
 
 
 def raise_failures(outcomes: list[Outcome]) -> None:
@@ -509,7 +611,7 @@ def point_label(point: dict) -> str:
 #: Grid table columns read from results.json: (key, title, is percent).
 GRID_COLUMNS = (("base_acc", "base", True), ("new_acc", "new", True), ("hm", "HM", True),
                 ("new_ece", "ECE new", False), ("new_nll", "NLL new", False),
-                ("mi_auroc_new_vs_base", "AUROC MI", False),
+                ("mi_auroc_new_vs_base", "AUROC MI", False), *SELECTIVE_COLUMNS,
                 ("train_seconds", "train s", True))
 
 
@@ -556,7 +658,7 @@ def grid_main(args: argparse.Namespace, sweep: SweepOptions, command: str) -> No
     if outcomes is None:  # submitted to SLURM
         return
     entries = [{"run": point_label(point), **point, "failed": outcome.failed,
-                **{key: (outcome.results or {}).get(key) for key, _, _ in GRID_COLUMNS},
+                **{key: lookup(outcome.results or {}, key) for key, _, _ in GRID_COLUMNS},
                 "transfer_acc": (outcome.results or {}).get("transfer_acc", {})}
                for point, outcome in zip(points, outcomes, strict=True)]
     write_grid_table(out, axes, entries, command)
