@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     if outcomes is None:  # submitted to SLURM
         return
     results: dict[tuple[str, str], list[dict | None]] = {}
-    for (dataset, row, _), outcome in zip(runs, outcomes, strict=True):
+    for (dataset, row, _), outcome in zip(runs, outcomes[:len(runs)], strict=True):
         results.setdefault((dataset, row.label), []).append(outcome.results)
     finished = {config.out for config, outcome in zip(configs, outcomes, strict=True)
                 if not outcome.failed}
