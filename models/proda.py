@@ -13,11 +13,13 @@ predict: y_i ~ Categorical(softmax(z_i)), the mean classifier (as the paper).
 guide: ctx = ctx_map, a point (Delta) over all K prompts; prompt k starts from the words of
 `ctx_init` plus N(0, 0.02^2) noise (the paper starts from random vectors), so they differ.
 
-The paper: K = 32 prompts (`--set n_prompts=32`, the default), 16 context tokens, the class
-name at the end, middle or front of the prompt, and the output-embedding covariance. Here:
-n_ctx and the class position are the world's (4 tokens, class at the end), A uses the full
-sample covariance of the K prompts (unbiased, K - 1), and there is no extra diversity term (a
-third-party implementation adds an orthogonality loss between class-less prompts).
+The paper (as we read it; its full text and the authors' code were not available to check
+here): K = 32 prompts (`--set n_prompts=32`, the default), 16 context tokens, the class name
+at the end, middle or front of the prompt. Here: n_ctx and the class position are the
+world's (4 tokens, class at the end), A uses the full sample covariance of the K prompts
+(unbiased, K - 1); a third-party implementation we read instead uses a covariance diagonal in
+the feature dimension (divided by K + 1) and adds an orthogonality loss between class-less
+prompts, which is not here. Optimiser and epochs are the world's defaults.
 """
 
 import pyro
