@@ -17,7 +17,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import bayesprompt
 from bayesprompt.errors import UserError
 from bayesprompt.infer import TrainConfig, predictive_probs, train
-from bayesprompt.laplace import covariance_scale_tril, softmax_ggn
+from bayesprompt.laplace import (
+    covariance_scale_tril,
+    marginal_likelihood_precision,
+    softmax_ggn,
+)
 from bayesprompt.prompt_model import PromptConfig
 from bayesprompt.runs import load_model_class
 
@@ -132,7 +136,8 @@ def test_laplace_covariance_is_the_inverse_hessian_of_a_linear_softmax_toy() -> 
 
 def test_coop_laplace_posterior_is_the_inverse_ggn_of_its_training_data(tiny_clip) -> None:
     torch.manual_seed(0)
-    program = load_model_class("coop_laplace")(tiny_clip, CLASSES, PromptConfig(prior_scale=2.0))
+    config = PromptConfig(prior_scale=2.0, options={"prior_precision": "model"})
+    program = load_model_class("coop_laplace")(tiny_clip, CLASSES, config)
     features, labels = separable_features(tiny_clip, per_class=3)
     views = torch.cat([features, torch.nn.functional.normalize(
         features + 0.1 * torch.randn(features.shape), dim=-1)])               # (2, N, D)
@@ -163,3 +168,21 @@ def test_coop_laplace_posterior_is_the_inverse_ggn_of_its_training_data(tiny_cli
     with program.param_scope():
         draws = pyro.get_param_store()["ctx_scale_tril"]
     assert torch.equal(draws, state["ctx_scale_tril"])
+
+
+def test_marglik_prior_precision_is_mackays_fixed_point() -> None:
+    # At the evidence's maximum, delta = gamma / |theta|^2 with gamma = sum_i l_i / (l_i + delta)
+    # (the effective number of parameters; MacKay, 1992), up to the grid's resolution.
+    generator = torch.Generator().manual_seed(0)
+    factor = torch.randn(40, 12, generator=generator, dtype=torch.float64)
+    spread = torch.logspace(-1, 1, 12, dtype=torch.float64)
+    ggn = spread[:, None] * (factor.T @ factor) * spread                       # PSD, symmetric
+    theta = 0.3 * torch.randn(12, generator=generator, dtype=torch.float64)
+    delta = marginal_likelihood_precision(ggn, theta)
+    eigenvalues = torch.linalg.eigvalsh(ggn)
+    gamma = (eigenvalues / (eigenvalues + delta)).sum()
+    assert delta == pytest.approx(float(gamma / theta.pow(2).sum()), rel=0.03)
+    assert 1e-6 < delta < 1e6
+    with pytest.raises(UserError, match="prior_precision"):
+        load_model_class("coop_laplace")(None, CLASSES, PromptConfig(
+            options={"prior_precision": "tuned"}))
