@@ -41,7 +41,7 @@ from bayesprompt.inference.predictive import (
     replayed_batches,
     seeded,
 )
-from bayesprompt.program import PromptModel
+from bayesprompt.program.base import PromptModel
 from bayesprompt.program.templates import IMAGENET_TEMPLATES, template_text_features
 from bayesprompt.runs.config import RunConfig
 from bayesprompt.runs.evaluate import test_features

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bayesprompt.errors import UserError
 
-__all__ = ["Run", "UserError", "fit"]
+__all__ = ["Ensemble", "Run", "UserError", "fit"]
 
 #: The sub-packages that sit at the top of the source tree (the product's layout) and install
 #: inside this package: `models/` -> bayesprompt.models, `analysis/` -> bayesprompt.analysis.
@@ -48,4 +48,7 @@ def __getattr__(name: str) -> object:
     if name in ("Run", "fit"):
         from bayesprompt import api
         return getattr(api, name)
+    if name == "Ensemble":
+        from bayesprompt.runs.ensemble import Ensemble
+        return Ensemble
     raise AttributeError(f"module 'bayesprompt' has no attribute {name!r}")

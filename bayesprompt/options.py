@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import types
-from dataclasses import MISSING, Field
+from dataclasses import MISSING, Field, make_dataclass
 from typing import Any, get_args, get_origin, get_type_hints
 
 from bayesprompt.errors import UserError
@@ -94,3 +94,24 @@ def check_field_value(config_class: type, name: str, value: Any) -> Any:
 
 def field_default(item: Field) -> Any:
     return item.default_factory() if item.default is MISSING else item.default
+
+
+def numeric_options(model: str, options: dict, defaults: dict[str, float | int],
+                    minimum: dict[str, float | int]) -> dict[str, float | int]:
+    """A model file's numeric `--set KEY=VALUE` options: `defaults` updated by `options`, each
+    value checked against its default's type (`check_field_value`; an int is a float too)
+    and at least its `minimum`. Anything else is a UserError naming the option."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise UserError(f"Unknown {model} option(s) {unknown}; known: {', '.join(defaults)}.")
+    schema = make_dataclass(f"{model}_options", [(k, type(v), v) for k, v in defaults.items()])
+    values = dict(defaults)
+    for key, value in options.items():
+        try:
+            values[key] = check_field_value(schema, key, value)
+        except ValueError as error:
+            raise UserError(f"--set {error} ({model}).") from None
+        if values[key] < minimum[key]:
+            raise UserError(f"--set {key}= must be at least {minimum[key]} for {model}, got "
+                            f"{value!r}.")
+    return values

@@ -12,7 +12,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from bayesprompt.program import PromptModel
+from bayesprompt.program.base import PromptModel
 from bayesprompt.program.guides import point_context
 from bayesprompt.program.priors import isotropic_normal
 

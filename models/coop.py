@@ -10,7 +10,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from bayesprompt.program import PromptModel
+from bayesprompt.program.base import PromptModel
 from bayesprompt.program.guides import point_context
 from bayesprompt.program.priors import isotropic_normal
 

@@ -13,7 +13,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from bayesprompt.program import PromptModel
+from bayesprompt.program.base import PromptModel
 from bayesprompt.program.guides import diagonal_normal
 from bayesprompt.program.priors import standard_normal
 

@@ -12,7 +12,7 @@ import pyro
 import pyro.distributions as dist
 from pyro import poutine
 
-from bayesprompt.program import PromptModel
+from bayesprompt.program.base import PromptModel
 from bayesprompt.program.guides import AmortizedGaussian, amortized_residual
 from bayesprompt.program.priors import standard_normal
 

@@ -7,7 +7,7 @@ No latent variables and no parameters; the guide is empty.
 import pyro
 import pyro.distributions as dist
 
-from bayesprompt.program import PromptModel
+from bayesprompt.program.base import PromptModel
 from bayesprompt.program.templates import zero_shot_classifier
 
 

@@ -100,9 +100,11 @@ def test_no_module_is_longer_than_the_limit() -> None:
 
 
 def test_model_files_import_only_the_program_and_the_dual_view() -> None:
-    """A model file is readable against two packages: `bayesprompt.program` (PromptModel,
-    priors, guides) and `bayesprompt.dual_view` (E2MIM)."""
+    """A model file is readable against two packages, `bayesprompt.program` (PromptModel,
+    priors, guides) and `bayesprompt.dual_view` (E2MIM), and the foundation's errors and
+    option checks."""
     for path in (REPO / "models").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module.startswith("bayesprompt"):
-                assert node.module.split(".")[1] in ("program", "dual_view"), (path, node.module)
+                assert node.module.split(".")[1] in ("program", "dual_view", "errors", "options"), \
+                    (path, node.module)

@@ -27,7 +27,7 @@ from bayesprompt.errors import UserError
 from bayesprompt.inference import checkpoint, svi
 from bayesprompt.inference.svi import TrainConfig, train
 from bayesprompt.inference.training_log import METRICS_FILE, TrainingLog, read_rows
-from bayesprompt.program import PromptConfig
+from bayesprompt.program.base import PromptConfig
 from bayesprompt.runs.model_files import load_model_class
 
 REPO = Path(__file__).resolve().parent.parent

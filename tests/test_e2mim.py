@@ -17,7 +17,7 @@ from bayesprompt.errors import UserError
 from bayesprompt.inference.objectives import elbo_objective
 from bayesprompt.inference.predictive import predictive_probs
 from bayesprompt.inference.svi import TrainConfig, train
-from bayesprompt.program import PromptConfig
+from bayesprompt.program.base import PromptConfig
 from bayesprompt.program.priors import isotropic_normal
 from bayesprompt.runs.config import RunConfig
 from bayesprompt.runs.model_files import load_model_class

@@ -14,7 +14,7 @@ from bayesprompt.errors import UserError
 from bayesprompt.inference import checkpoint, objectives, predictive, svi
 from bayesprompt.inference.objectives import paper_objective
 from bayesprompt.inference.svi import TrainConfig, train
-from bayesprompt.program import PromptConfig
+from bayesprompt.program.base import PromptConfig
 from bayesprompt.program.priors import isotropic_normal
 from bayesprompt.runs.model_files import load_model_class
 

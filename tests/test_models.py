@@ -7,7 +7,7 @@ import torch
 
 from bayesprompt.inference.predictive import predictive_probs
 from bayesprompt.inference.svi import TrainConfig, train
-from bayesprompt.program import PromptConfig
+from bayesprompt.program.base import PromptConfig
 from bayesprompt.runs.model_files import load_model_class
 
 CLASSES = ["red circle", "blue square", "green star", "yellow heart"]

@@ -104,7 +104,7 @@ def bad_input_cases(root: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "missing root": (["--root", str(root / "nowhere")], "looked for the folder"),
         "unknown model": (["--model", "nope"],
-                          "Unknown model 'nope'. Known models: cocoop, coop, e2mim"),
+                          "Unknown model 'nope'. Known models: cocoop, coop, coop_laplace, e2mim"),
         "unknown dataset": (["--dataset", "nope"], "Unknown dataset 'nope'"),
         "weights offline": (["--backbone", "RN50", "--pretrained", "openai"],
                             "pass --pretrained /path/to/checkpoint"),

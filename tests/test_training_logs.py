@@ -14,7 +14,7 @@ import bayesprompt.inference.loss_curve as loss_curve
 import bayesprompt.inference.training_log as training_log
 from bayesprompt.dual_view import E2MIMOptions
 from bayesprompt.inference.objectives import make_objective
-from bayesprompt.program import PromptConfig
+from bayesprompt.program.base import PromptConfig
 from bayesprompt.program.priors import isotropic_normal
 from bayesprompt.runs.model_files import load_model_class
 

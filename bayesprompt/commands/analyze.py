@@ -5,6 +5,12 @@
 
 Writes posterior_<split>.nc (ArviZ InferenceData), metrics.json and PNG figures; see
 docs/ANALYSIS.md for what they mean.
+
+Several runs side by side (run folders, or ensemble folders of benchmark.py --ensemble):
+
+    python experiments/analyze.py RUN_A RUN_B ENSEMBLE_C --out DIR [--splits base new]
+
+writes DIR/risk_coverage_<split>.png and DIR/reliability_<split>.png (analysis/compare.py).
 """
 
 from __future__ import annotations
@@ -15,12 +21,17 @@ from pathlib import Path
 from bayesprompt.analysis.report import summary_lines, write_analysis
 from bayesprompt.api import Run
 from bayesprompt.commands.cli import run_main
+from bayesprompt.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, help="a run folder written by svi_train.py")
+    parser.add_argument("run_dir", type=Path, nargs="+",
+                        help="a run folder written by svi_train.py; several (or ensemble "
+                        "folders) to compare them (needs --out)")
+    parser.add_argument("--splits", nargs="+", default=["base", "new"],
+                        help="splits of the comparison (default: base new)")
     parser.add_argument("--num-samples", type=int,
                         help="posterior samples S per test image (default: the run's "
                         "eval_samples, so that accuracies equal results.json's)")
@@ -32,11 +43,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the run's)")
     parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis)")
     args = parser.parse_args(argv)
-    run = Run.load(args.run_dir, args.device)
+    if len(args.run_dir) > 1:
+        compare(args)
+        return
+    run_dir = args.run_dir[0]
+    run = Run.load(run_dir, args.device)
     posterior = run.posterior(args.num_samples, domains=args.domains, seed=args.seed)
     metrics = write_analysis(posterior, args.out)
     print("\n".join(summary_lines(metrics)))
-    print(f"wrote {args.out or args.run_dir / 'analysis'}")
+    print(f"wrote {args.out or run_dir / 'analysis'}")
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Several runs (or ensembles) side by side: analysis/compare.py."""
+    from bayesprompt.analysis.compare import compare_runs
+    from bayesprompt.ensemble import Ensemble
+    if args.out is None:
+        raise UserError("Comparing several runs needs --out DIR for the figures.")
+    if args.num_samples is not None or args.seed is not None or args.domains:
+        raise UserError("--num-samples, --seed and --domains are options of one run's "
+                        "analysis; a comparison uses each run's own draws (results.json's).")
+    runs = {}
+    for folder in args.run_dir:
+        label = f"{folder.resolve().parent.name}/{folder.resolve().name}"
+        is_run = (folder / "config.json").is_file()
+        runs[label] = Run.load(folder, args.device) if is_run else \
+            Ensemble.load_folder(folder, args.device)
+    summary = compare_runs(runs, args.splits, args.out)
+    for split, rows in summary.items():
+        for label, row in rows.items():
+            aurcs = "  ".join(f"AURC {k} {v:.3f}" for k, v in row["aurc"].items())
+            print(f"{split:>6} {label}: accuracy {100 * row['accuracy']:.1f}%  "
+                  f"ECE {row['ece']:.3f}  {aurcs}")
+    print(f"wrote {args.out}")
 
 
 def cli() -> None:

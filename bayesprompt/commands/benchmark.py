@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -58,6 +59,7 @@ from bayesprompt.runs.protocols import (
     DEFAULT_MODELS,
     GRID_CHOSEN,
     PROTOCOLS,
+    Row,
     grid_axes,
     parse_settings,
     parse_variant,
@@ -81,6 +83,7 @@ from bayesprompt.runs.tables import (
     base2new_markdown,
     csv_text,
     flat_record,
+    lookup,
     markdown_table,
     show,
     transfer_entries,
@@ -118,6 +121,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="--protocol grid: a field and its values; the runs are every "
                         "combination of the --grid axes, with the --set fields (any field, "
                         "dataset, model and seed too). Repeatable")
+    parser.add_argument("--ensemble", type=int, metavar="M",
+                        help="add a row MODEL-ensM per --ensemble-models model: the deep "
+                        "ensemble of M runs of that model with different seeds (for seed s: s, "
+                        "s + K, ..., s + (M - 1) K, K = max(seeds) - min(seeds) + 1), one "
+                        "predictive with S = M")
+    parser.add_argument("--ensemble-models", nargs="+", default=["coop"], metavar="MODEL",
+                        help="models of the --ensemble rows, among --models (default: coop)")
     parser.add_argument("--out", help="benchmark folder (default: runs/benchmark/PROTOCOL)")
     add_common_arguments(parser)
     add_sweep_arguments(parser)
@@ -142,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sweep = sweep_options(args)
     if args.protocol == "grid":
+        if args.ensemble is not None:
+            raise UserError("--ensemble adds rows to the papers' tables; --protocol grid has "
+                            "one line per run (put the members' seeds on a --grid axis).")
         grid_main(args, sweep, command_line(argv))
         return
     if args.axes:
@@ -162,19 +175,32 @@ def main(argv: list[str] | None = None) -> None:
         load_dataset(dataset, root)
 
     runs = [(dataset, row, seed) for dataset in trained_on for row in rows for seed in seeds]
+    ensembles = ensemble_plan(args.ensemble, args.ensemble_models, rows, seeds)
+    extra = [(dataset, Row(model), member) for dataset in trained_on
+             for model, members in ensembles.items() for seed in seeds
+             for member in members[seed] if member not in seeds]
     configs = [RunConfig(**{**settings, **row.settings}, dataset=dataset, model=row.model,
                          seed=seed, subsample="base" if base2new else "all",
                          eval_on=[] if base2new else datasets[1:],
                          options={**options, **row.options}, device=args.device,
                          precision=precision,
                          out=str(out / Path(dataset).name / row.label / f"seed{seed}")
-                         ).resolved() for dataset, row, seed in runs]
+                         ).resolved() for dataset, row, seed in runs + extra]
     outcomes = run_sweep(configs, out, sweep, say)
     if outcomes is None:  # submitted to SLURM
         return
     results: dict[tuple[str, str], list[dict | None]] = {}
-    for (dataset, row, _), outcome in zip(runs, outcomes, strict=True):
+    for (dataset, row, _), outcome in zip(runs, outcomes[:len(runs)], strict=True):
         results.setdefault((dataset, row.label), []).append(outcome.results)
+    finished = {config.out for config, outcome in zip(configs, outcomes, strict=True)
+                if not outcome.failed}
+    for model, members in ensembles.items():
+        row = Row(model, f"ens{args.ensemble}")
+        rows = [*rows, row]
+        for dataset in trained_on:
+            results[dataset, row.label] = [
+                ensemble_run(out, dataset, row, seed, members[seed], finished, args.device)
+                for seed in seeds]
 
     if base2new:
         entries = base2new_entries(results, datasets, rows)
@@ -182,7 +208,11 @@ def main(argv: list[str] | None = None) -> None:
         about = ("Base-to-new generalisation; accuracy in percent, mean ± sample std over "
                  "seeds; HM from the seed-mean base and new accuracies; ECE (fraction) and NLL "
                  "(nats) of the predictive mean on new classes; AUROC of the mutual "
-                 "information for new vs base test images (n/a: point-estimate model).")
+                 "information for new vs base test images (n/a: point-estimate model); on "
+                 "new classes, AURC (area under the risk-coverage curve, max-softmax score, "
+                 "lower is better) and the AUROC of telling misclassified from correct "
+                 "images by max softmax probability and by mutual information (n/a: S = 1). "
+                 "train s: training seconds (an ensemble: summed over its members).")
     else:
         entries = transfer_entries(results, datasets[0], datasets[1:], rows)
         body = transfer_markdown(entries, datasets[0], datasets[1:])
@@ -201,8 +231,64 @@ def main(argv: list[str] | None = None) -> None:
                                     "seeds": seeds, "rows": [row.label for row in rows],
                                     "command": command, "entries": entries})
     plot_grouped_bars(bar_panels(entries, args.protocol, datasets), out / "table.png")
+    if base2new:
+        plot_new_class_risk_coverage(results, datasets, rows, out / "risk_coverage_new.png")
     print(header + body)
     raise_failures(outcomes)
+
+
+def plot_new_class_risk_coverage(results: dict[tuple[str, str], list[dict | None]],
+                                 datasets: list[str], rows: list[Row], path: Path) -> None:
+    """Risk-coverage on new classes (max-softmax score), mean over the finished seeds, one
+    panel per dataset and one line per row (bayesprompt.selective's coverage grid)."""
+    from bayesprompt.analysis.compare import plot_risk_coverage
+    panels = {}
+    for dataset in datasets:
+        curves = {}
+        for row in rows:
+            found = [lookup(r, "risk_coverage.new") for r in results[dataset, row.label] if r]
+            found = [curve for curve in found if curve]
+            if found:
+                curves[row.label] = (found[0]["coverage"],
+                                     [statistics.mean(values) for values in
+                                      zip(*(curve["msp"] for curve in found), strict=True)])
+        if curves:
+            panels[f"{Path(dataset).name}, new classes (mean over seeds)"] = curves
+    if panels:
+        plot_risk_coverage(panels, path)
+
+
+def ensemble_plan(size: int | None, models: list[str], rows: list[Row], seeds: list[int]
+                  ) -> dict[str, dict[int, list[int]]]:
+    """--ensemble: model -> seed -> the seeds of its M members (disjoint across seeds), or {}."""
+    if size is None:
+        return {}
+    if size < 2:
+        raise UserError(f"--ensemble must be 2 or more (members per ensemble), got {size}.")
+    plain = [row.model for row in rows if not row.variant]
+    missing = [model for model in models if model not in plain]
+    if missing:
+        raise UserError(f"--ensemble-models {' '.join(missing)}: not among --models "
+                        f"({' '.join(plain)}); an ensemble row needs its model's own row.")
+    stride = max(seeds) - min(seeds) + 1
+    return {model: {seed: [seed + j * stride for j in range(size)] for seed in seeds}
+            for model in dict.fromkeys(models)}
+
+
+def ensemble_run(out: Path, dataset: str, row: Row, seed: int, members: list[int],
+                 finished: set[str], device: str) -> dict | None:
+    """The ensemble of a row's member runs (folders DIR/DATASET/MODEL/seedS): its results,
+    also written to DIR/DATASET/MODEL-ensM/seedS/results.json; None if a member failed."""
+    from bayesprompt.ensemble import ensemble_results
+    folders = [out / Path(dataset).name / Path(row.model).stem / f"seed{member}"
+               for member in members]
+    if any(str(folder.resolve()) not in finished for folder in folders):
+        return None
+    results = ensemble_results(folders, device)
+    folder = out / Path(dataset).name / row.label / f"seed{seed}"
+    make_folder(folder)
+    write_json(folder / "results.json", results)
+    return results
 
 
 def raise_failures(outcomes: list[Outcome]) -> None:
@@ -254,7 +340,7 @@ def grid_main(args: argparse.Namespace, sweep: SweepOptions, command: str) -> No
     if outcomes is None:  # submitted to SLURM
         return
     entries = [{"run": point_label(point), **point, "failed": outcome.failed,
-                **{key: (outcome.results or {}).get(key) for key, _, _ in GRID_COLUMNS},
+                **{key: lookup(outcome.results or {}, key) for key, _, _ in GRID_COLUMNS},
                 "transfer_acc": (outcome.results or {}).get("transfer_acc", {})}
                for point, outcome in zip(points, outcomes, strict=True)]
     write_grid_table(out, axes, entries, command)

@@ -225,12 +225,14 @@ def check_no_new_parameters(names: set[str], batch_size: int) -> None:
         )
 
 
-def end_of_epoch(epoch: int, totals: EpochTotals, dataset_size: int, progress: Progress,
-                 parameters: list[torch.Tensor], optimizers: Optimizers, config: TrainConfig,
-                 checkpoint: Path | None, identity: dict, log: TrainingLog | None,
-                 device: torch.device) -> None:
-    """Check the parameters, append the epoch's curves, write its log row and (rank 0) the
-    checkpoint."""
+def end_of_epoch(program: PromptModel, epoch: int, totals: EpochTotals, features: torch.Tensor,
+                 labels: torch.Tensor, progress: Progress, parameters: list[torch.Tensor],
+                 optimizers: Optimizers, config: TrainConfig, checkpoint: Path | None,
+                 identity: dict, log: TrainingLog | None) -> None:
+    """Check the parameters, append the epoch's curves, after the last epoch let the program
+    finish its training (`PromptModel.after_training`), write the epoch's log row and (rank 0)
+    the checkpoint."""
+    dataset_size = features.shape[1]
     history = progress.history
     if not all(bool(torch.isfinite(p).all()) for p in parameters):
         raise _diverged(epoch, math.ceil(dataset_size / config.batch_size) - 1,
@@ -241,13 +243,15 @@ def end_of_epoch(epoch: int, totals: EpochTotals, dataset_size: int, progress: P
         curve = history.factors.setdefault(name, [None] * epoch)
         curve.append(float(totals.factors[name] / totals.factor_images[name])
                      if name in totals.factors else None)
+    if epoch + 1 == config.epochs:
+        program.after_training(features, labels)
     if log is not None:
         log.write("epoch", epoch + 1, *optimizers.learning_rates())
     if checkpoint is not None and distributed.is_main_process():
         save_checkpoint(checkpoint, {
             "epoch": epoch + 1, "history": asdict(history), "identity": identity,
             "train_config": asdict(config), **optimizers.state(),
-            "reference_loss": progress.reference}, device)
+            "reference_loss": progress.reference}, features.device)
 
 
 @in_param_scope
@@ -316,8 +320,8 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
                         log.write("step", epoch + 1, *optimizers.learning_rates())
                 bar.update()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}")
-            end_of_epoch(epoch, totals, dataset_size, progress, parameters, optimizers, config,
-                         checkpoint, identity, log, features.device)
+            end_of_epoch(program, epoch, totals, features, labels, progress, parameters,
+                         optimizers, config, checkpoint, identity, log)
     finally:
         bar.close()
         if log is not None:

@@ -200,6 +200,12 @@ class PromptModel(nn.Module):
         subsample = torch.arange(batch_size, device=image_features.device)
         return pyro.plate("images", dataset_size or batch_size, subsample=subsample, dim=-1)
 
+    def after_training(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """A post-hoc step on the training data, features (V views, N, D) and labels (N,), run
+        once after the last epoch inside the program's param_scope, before that epoch's
+        checkpoint is written (e.g. a Laplace approximation around the MAP: coop_laplace).
+        Parameters it sets must exist from the first call of model and guide. Default: none."""
+
     def model(self, image_features: torch.Tensor, labels: torch.Tensor | None = None,
               dataset_size: int | None = None) -> None:
         raise NotImplementedError

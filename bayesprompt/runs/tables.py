@@ -12,10 +12,15 @@ from pathlib import Path
 from bayesprompt.metrics import harmonic_mean
 from bayesprompt.runs.protocols import Row
 
+#: Selective prediction on the new classes (bayesprompt/selective.py): dotted results.json keys.
+SELECTIVE_COLUMNS = (("aurc.new.msp", "AURC new", False),
+                     ("misclassification_auroc.new.msp", "err AUROC MSP", False),
+                     ("misclassification_auroc.new.mi", "err AUROC MI", False))
 #: base2new columns read from results.json: (key in results.json, column title, is percent).
 BASE2NEW_COLUMNS = (("base_acc", "base", True), ("new_acc", "new", True),
                     ("new_ece", "ECE new", False), ("new_nll", "NLL new", False),
-                    ("mi_auroc_new_vs_base", "AUROC MI", False))
+                    ("mi_auroc_new_vs_base", "AUROC MI", False),
+                    *SELECTIVE_COLUMNS)
 
 
 #: Keys of a table entry that hold one value; all others hold mean ± std over seeds.
@@ -45,14 +50,15 @@ def base2new_entries(results: dict[tuple[str, str], list[dict | None]], datasets
         for row in rows:
             if dataset is None:
                 per_seed = list(zip(*(results[d, row.label] for d in datasets), strict=True))
-                runs = [{key: average([r.get(key) for r in seed_runs])
+                runs = [{key: average([lookup(r, key) for r in seed_runs])
                          for key, _, _ in BASE2NEW_COLUMNS}
                         for seed_runs in per_seed if None not in seed_runs]
                 failed = len(per_seed) - len(runs)
             else:
                 runs = [r for r in results[dataset, row.label] if r is not None]
                 failed = len(results[dataset, row.label]) - len(runs)
-            cells = {key: mean_std([r.get(key) for r in runs]) for key, _, _ in BASE2NEW_COLUMNS}
+            cells = {key: mean_std([lookup(r, key) for r in runs])
+                     for key, _, _ in BASE2NEW_COLUMNS}
             base, new = cells["base_acc"], cells["new_acc"]
             hm = harmonic_mean(base["mean"], new["mean"]) if base and new else None
             seconds = mean_std([r.get("train_seconds") for r in runs])
@@ -60,6 +66,18 @@ def base2new_entries(results: dict[tuple[str, str], list[dict | None]], datasets
                             "seeds": len(runs), "failed": failed, **cells, "hm": hm,
                             "train_seconds": seconds["mean"] if seconds else None})
     return entries
+
+
+def lookup(results: dict, key: str) -> object:
+    """results[key], or for a dotted key "a.b.c" results["a"]["b"]["c"]; None where absent."""
+    if key in results:
+        return results[key]
+    value = results
+    for part in key.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def average(values: list[float | None]) -> float | None:
@@ -113,7 +131,8 @@ def table_datasets(entries: list[dict]) -> list[str]:
 
 
 def base2new_markdown(entries: list[dict], datasets: list[str]) -> str:
-    header = ["model", "base", "new", "HM", "ECE new", "NLL new", "AUROC MI", "train s"]
+    header = ["model", "base", "new", "HM", *(title for _, title, _ in BASE2NEW_COLUMNS[2:]),
+              "train s"]
     sections = []
     for dataset in table_datasets(entries):
         lines = [[row_name(e), *(show(e[k], pct) for k, _, pct in BASE2NEW_COLUMNS[:2]),
@@ -176,5 +195,5 @@ def bar_panels(entries: list[dict], protocol: str, datasets: list[str]) -> dict:
 #: Grid table columns read from results.json: (key, title, is percent).
 GRID_COLUMNS = (("base_acc", "base", True), ("new_acc", "new", True), ("hm", "HM", True),
                 ("new_ece", "ECE new", False), ("new_nll", "NLL new", False),
-                ("mi_auroc_new_vs_base", "AUROC MI", False),
+                ("mi_auroc_new_vs_base", "AUROC MI", False), *SELECTIVE_COLUMNS,
                 ("train_seconds", "train s", True))

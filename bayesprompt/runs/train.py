@@ -26,19 +26,12 @@ from bayesprompt.inference.loss_curve import write_loss_curve
 from bayesprompt.inference.svi import TrainConfig, train
 from bayesprompt.inference.training_log import TrainingLog, check_tensorboard
 from bayesprompt.metrics import harmonic_mean
-from bayesprompt.runs.config import DATASET_DEFAULTS, DatasetDefaults, RunConfig
+from bayesprompt.runs.config import RunConfig
 from bayesprompt.runs.evaluate import evaluate, new_class_metrics
 from bayesprompt.runs.folder import check_resume, holds_run
 from bayesprompt.runs.inputs import load_run_clip, run_identity, split_datasets
 from bayesprompt.runs.model_files import build_program, load_model_class
-from bayesprompt.world.downstream import DATASETS as OFFLINE_DATASETS
-
-#: The offline world: 30 epochs, long enough for CoOp to converge on miniworld's base classes;
-#: batches of 16 with the learning rate scaled by 16 (linear scaling), so the default run takes
-#: minutes on two CPU cores; milder crops, since 32-pixel images of one
-#: object lose the object in a crop of 8% of the area.
-DATASET_DEFAULTS.update({name: DatasetDefaults(10, 30, 16, 0.032, 0.5)
-                         for name in OFFLINE_DATASETS})
+from bayesprompt.selective import results_entries
 
 
 def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
@@ -97,17 +90,21 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
     write_loss_curve(out)
 
     shared: dict[str, torch.Tensor] = {}
-    base_acc, base_probs, _ = evaluate(program, clip, base, config, shared)
+    base_acc, base_probs, base_labels = evaluate(program, clip, base, config, shared)
+    splits = {"base": (base_probs, base_labels)}  # split -> (probs, labels) for selective.py
     new_acc, metrics = None, {"new_ece": None, "new_nll": None, "mi_auroc_new_vs_base": None}
     if new is not None:
         new_acc, new_probs, new_labels = evaluate(program, clip, new, config, shared)
         metrics = new_class_metrics(program, base_probs, new_probs, new_labels)
-    transfer = {name: evaluate(program, clip, dataset, config, shared)[0]
-                for name, dataset in transfer_sets.items()}
+        splits["new"] = (new_probs, new_labels)
+    transfer = {}
+    for name, dataset in transfer_sets.items():
+        transfer[name], probs, labels = evaluate(program, clip, dataset, config, shared)
+        splits[name] = (probs, labels)
     results = {
         "base_acc": base_acc, "new_acc": new_acc,
         "hm": harmonic_mean(base_acc, new_acc) if new_acc is not None else None,
-        **metrics, "transfer_acc": transfer,
+        **metrics, "transfer_acc": transfer, **results_entries(splits),
         "dataset": config.dataset, "model": config.model, "shots": config.shots,
         "seed": config.seed, "epochs": config.epochs, "num_particles": config.num_particles,
         "eval_samples": config.eval_samples, "eval_seed": config.eval_seed,
