@@ -35,6 +35,7 @@ from bayesprompt.training_log import read_rows
 
 if TYPE_CHECKING:  # the analysis package imports ArviZ (seconds): only when asked for
     from bayesprompt.analysis.posterior import RunPosterior
+    from bayesprompt.check_posterior import CheckOptions
 
 #: What results.json is, for the message about a damaged one.
 RESULTS_FILE = "the run's test results as written at the end of training"
@@ -161,6 +162,14 @@ class Run:
             raise UserError(f"{self.folder} has no '{split}' split (it was trained on all "
                             "classes).")
         return posterior.splits[split].inference_data()
+
+    def check_posterior(self, options: CheckOptions | None = None, out: str | Path | None = None,
+                        progress: bool = True) -> dict:
+        """The guide against a gold standard (NUTS for global latents, importance sampling
+        for per-image ones): writes RUN/posterior_check/ (json and plot) and returns the
+        json's dict (`bayesprompt.check_posterior`)."""
+        from bayesprompt.check_posterior import check_posterior
+        return check_posterior(self, options, None if out is None else Path(out), progress)
 
     def _num_samples(self, num_samples: int | None) -> int:
         if num_samples is None:

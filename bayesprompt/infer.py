@@ -29,6 +29,7 @@ from bayesprompt.errors import UserError
 from bayesprompt.files import save_torch
 from bayesprompt.prompt_model import OptimizerGroup, PromptModel, in_param_scope
 from bayesprompt.training_log import TrainingLog
+from bayesprompt.variational import GUIDE_GROUP, guide_optimizer, guide_parameter_names
 
 #: Weight of the KL term of the reference implementation's objective.
 PAPER_KL_WEIGHT = 1e-3
@@ -54,6 +55,10 @@ class TrainConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     seed: int = 1
+    #: "adam": the guide's variational parameters get Adam at guide_lr on the same schedule
+    #: (bayesprompt.variational); "sgd": the reference SGD like every other parameter.
+    guide_optimizer: str = "sgd"
+    guide_lr: float = 0.01
 
 
 @dataclass
@@ -397,7 +402,13 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
         reference = state["reference_loss"]
     named = dict(pyro.get_param_store().named_parameters())
     parameters = list(named.values())
-    sgd, groups = group_optimizers(named, program.optimizer_groups, config)
+    variational = (guide_parameter_names(program, features[0, first], labels[first],
+                                         dataset_size)
+                   if config.guide_optimizer == "adam" else set())
+    sgd, groups = group_optimizers({k: v for k, v in named.items() if k not in variational},
+                                   program.optimizer_groups, config)
+    if variational:
+        groups[GUIDE_GROUP] = guide_optimizer(named, variational, config.guide_lr)
     if start_epoch:
         if sgd is not None:
             sgd.load_state_dict(state["optimizer"])
@@ -417,6 +428,8 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
             distributed.seed_rank_stream(config.seed, epoch)
             for group in sgd.param_groups if sgd is not None else []:
                 group["lr"] = learning_rate(epoch, config)
+            for group in groups[GUIDE_GROUP].param_groups if variational else []:
+                group["lr"] = learning_rate(epoch, config) * config.guide_lr / config.lr
             order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
             permutation = torch.randperm(dataset_size, generator=order)
             view_of_image = torch.randint(views, (dataset_size,), generator=order)

@@ -45,6 +45,7 @@ from bayesprompt.miniclip import cache_dir
 from bayesprompt.prompt_model import PromptConfig, PromptModel
 from bayesprompt.text_tower import TextBudget
 from bayesprompt.training_log import TrainingLog, check_tensorboard, write_loss_curve
+from bayesprompt.variational import GUIDE_OPTIMIZERS
 
 #: The model files shipped with the package (`models/` of the source tree).
 MODELS_DIR = Path(bayesprompt.models.__file__).resolve().parent
@@ -130,6 +131,12 @@ class RunConfig:
                             choices=OBJECTIVES)
     lr: float | None = option(None, "SGD learning rate (default: the dataset's; reference: "
                               "0.002)")
+    guide_optimizer: str = option(
+        "adam", "optimiser of the guide's variational parameters under --objective elbo: "
+        "Adam at --guide-lr on the warm-up and cosine schedule, or the reference SGD "
+        "(--objective paper always uses the reference SGD)", choices=GUIDE_OPTIMIZERS)
+    guide_lr: float = option(0.01, "peak learning rate of the guide's Adam (--guide-optimizer "
+                             "adam)")
     views: int = option(8, "cached augmented views per training image (0: no augmentation)")
     crop_min_scale: float | None = option(
         None, "smallest random crop, fraction of the area (default: the dataset's; reference: "
@@ -235,6 +242,8 @@ def check_numbers(config: RunConfig) -> None:
         ("--log-every", config.log_every, config.log_every >= 0,
          "0 (a row per epoch only) or more"),
         ("--lr", config.lr, finite(config.lr) and config.lr > 0, "a positive finite number"),
+        ("--guide-lr", config.guide_lr, finite(config.guide_lr) and config.guide_lr > 0,
+         "a positive finite number"),
         ("--views", config.views, config.views >= 0, "0 (no augmentation) or more"),
         ("--loader-workers", config.loader_workers,
          config.loader_workers is None or config.loader_workers >= 0,
@@ -446,7 +455,10 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
         write_json(out / "fewshot.json", selection.record())
     labels = torch.tensor([item.label for item in base.train], device=clip.device)
     train_config = TrainConfig(config.epochs, config.batch_size, config.num_particles,
-                               config.objective, config.lr, seed=config.seed)
+                               config.objective, config.lr, seed=config.seed,
+                               guide_optimizer=(config.guide_optimizer
+                                                if config.objective == "elbo" else "sgd"),
+                               guide_lr=config.guide_lr)
     started = time.perf_counter()
     try:
         history = train(program, features, labels, train_config, checkpoint,
