@@ -38,6 +38,7 @@ from bayesprompt.posterior_check import (
     guide_gaussian,
     image_posteriors,
     pareto_khat,
+    particle_log_weights,
     prior_gaussian,
     run_nuts,
     spread,
@@ -171,9 +172,12 @@ def predictive(run: Run, sites: tuple[str, ...], per_image: tuple[str, ...],
         probs["prior"][split] = probs_given(program, features, drawn, per_image,
                                             config.eval_batch_size).cpu()
         bar.update()
-        gold_latents = {k: gold.get(k, drawn[k]) for k in sites}
-        probs["gold"][split] = probs_given(program, features, gold_latents, per_image,
-                                           config.eval_batch_size).cpu()
+        if gold:
+            gold_latents = {k: gold.get(k, drawn[k]) for k in sites}
+            probs["gold"][split] = probs_given(program, features, gold_latents, per_image,
+                                               config.eval_batch_size).cpu()
+        else:  # per-image sites only: the gold predictive is the prior's
+            probs["gold"][split] = probs["prior"][split]
         bar.update()
         zeros = {k: torch.zeros_like(v[:1]) for k, v in drawn.items()}
         probs["point"][split] = probs_given(program, features, zeros, per_image,
@@ -404,3 +408,30 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     lines += [f"note: {note}" for note in result["notes"]]
     lines += [f"WARNING: {warning}" for warning in result["warnings"]]
     return lines
+
+
+def guide_khat(run: Run, draws: int = 200, images: int = 16, seed: int = 0
+               ) -> dict[str, float] | None:
+    """The Pareto k-hat of the guide as importance proposal for the posterior, per latent
+    site (cheap: no MCMC): global sites on the full training data with `draws` guide draws;
+    per-image sites jointly over `images` random (image, view) pairs. None for a model
+    without random latents."""
+    if not run.program.latent_sites or not run.program.stochastic:
+        return None
+    with fp32(run):
+        run.program.set_classes(run.base.classnames)
+        features, labels = training_data(run)
+        global_sites, per_image = checked_sites(run.program, features[0])
+        result = {}
+        if global_sites:
+            khat = global_khat(run.program, features, labels, draws, seed)
+            result.update({site: khat for site in global_sites})
+        if per_image:
+            generator = torch.Generator().manual_seed(seed)
+            chosen = torch.randperm(features.shape[1], generator=generator)[:images]
+            view = torch.randint(features.shape[0], (len(chosen),), generator=generator)
+            with torch.no_grad(), seeded(seed):
+                weights = particle_log_weights(run.program, draws, features[view, chosen],
+                                               labels[chosen], None, True)
+            result.update({site: pareto_khat(weights.sum(1)) for site in per_image})
+    return result

@@ -22,7 +22,11 @@ GUIDE_OPTIMIZERS = ("adam", "sgd")
 def guide_parameter_names(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
                           dataset_size: int) -> set[str]:
     """Pyro parameters of the guide that the model does not use and no optimizer group of the
-    model claims: the variational parameters (e.g. r_loc, r_log_var, posterior_net$$$...)."""
+    model claims: the variational parameters (e.g. r_loc, r_log_var, posterior_net$$$...).
+    Empty for point-estimate programs (`stochastic` False: CoOp's MAP context keeps the
+    reference SGD)."""
+    if not program.stochastic:
+        return set()
     guide_trace = poutine.trace(program.guide).get_trace(features, labels, dataset_size)
     model_trace = poutine.trace(poutine.replay(program.model, trace=guide_trace)).get_trace(
         features, labels, dataset_size)

@@ -11,6 +11,7 @@ from conftest import TINY_BACKBONE
 
 import bayesprompt
 from bayesprompt.check_posterior import CHECK_FILE, CHECK_FOLDER, PLOT_FILE, CheckOptions
+from bayesprompt.cli import run_main
 from bayesprompt.commands.check_posterior import main
 
 SMALL = ["--warmup", "15", "--samples", "20", "--images", "2", "--draws", "40",
@@ -57,7 +58,6 @@ def test_bad_input_exits_with_2(runs, tmp_path, capsys) -> None:
     for argv in ([str(tmp_path)], [str(runs["coop"].folder)],
                  [str(runs["vpt"].folder), "--chains", "1"]):
         with pytest.raises(SystemExit) as stop:
-            from bayesprompt.cli import run_main
             run_main(main, argv)
         assert stop.value.code == 2
         assert capsys.readouterr().err.startswith("error: ")

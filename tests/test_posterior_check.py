@@ -156,18 +156,19 @@ def test_a_likelihood_that_ignores_r_gives_the_prior(ignores_r, tiny_clip) -> No
         torch.randn(2, 6, tiny_clip.feature_dim, generator=generator), dim=-1)
     labels = torch.arange(6) % 3
     initial = {"r": 2 * torch.randn(2, width, generator=generator)}  # dispersed starts
-    result = run_nuts(ignores_r, features, labels, ("r",), initial, num_samples=200,
-                      warmup=100, seed=0, progress=False)
-    assert result.rhat_max < 1.05 and result.ess_bulk_min > 150
+    result = run_nuts(ignores_r, features, labels, ("r",), initial, num_samples=150,
+                      warmup=60, seed=0, progress=False)
+    assert result.rhat_max < 1.05 and result.ess_bulk_min > 100
     gold = result.fit("r")
     prior = prior_gaussian(ignores_r, features[0], "r")
     assert torch.equal(prior.mean, torch.zeros(width).double())
-    # mean: 4.5 Monte Carlo errors (sd 1 / sqrt(ESS)); sd: 20% (its error is ~1/sqrt(2 ESS))
+    # mean: 4.5 Monte Carlo errors (sd 1 / sqrt(ESS)) in every dimension; sd: its error is
+    # about 1 / sqrt(2 ESS of r^2), and NUTS's ESS of r^2 is far below that of r
     assert gold.mean.abs().max() < 4.5 / math.sqrt(result.ess_bulk_min)
-    assert ((gold.sd - 1).abs()).max() < 4.5 / math.sqrt(2 * result.ess_bulk_min)
+    assert (gold.sd - 1).abs().median() < 0.1 and (gold.sd - 1).abs().max() < 0.3
     report = compare(guide_gaussian(ignores_r, features[0], labels, 6, "r"), gold, prior)
-    assert abs(report["contraction"]["median"] - 1) < 0.05
-    assert report["kl_gold_prior"] < 0.5  # sampling noise alone: about W / (2 ESS) nats
+    assert abs(report["contraction"]["median"] - 1) < 0.1
+    assert report["kl_gold_prior"] < 1.0  # sampling noise alone: W = 64 dims, a few tenths
 
 
 def test_the_per_image_gold_standard_of_an_ignored_likelihood_is_the_prior() -> None:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from bayesprompt.analysis.report import summary_lines, write_analysis
 from bayesprompt.api import Run
+from bayesprompt.check_posterior import guide_khat
 from bayesprompt.cli import run_main
+from bayesprompt.files import write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     run = Run.load(args.run_dir, args.device)
     posterior = run.posterior(args.num_samples, domains=args.domains, seed=args.seed)
     metrics = write_analysis(posterior, args.out)
+    metrics["khat"] = guide_khat(run)  # the guide as importance proposal (Yao et al., 2018)
+    write_json(Path(args.out or args.run_dir / "analysis") / "metrics.json", metrics)
     print("\n".join(summary_lines(metrics)))
+    if metrics["khat"] is not None:
+        print("Pareto k-hat of the guide (> 0.7: not a usable importance proposal): "
+              + "  ".join(f"{site} {value:.2f}" for site, value in metrics["khat"].items()))
     print(f"wrote {args.out or args.run_dir / 'analysis'}")
 
 
