@@ -28,6 +28,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS
+from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
 from bayesprompt.errors import UserError
@@ -213,7 +214,7 @@ def particle_log_weights(program: object, num_draws: int, features: torch.Tensor
                                                dataset_size)
     total = torch.zeros(())
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        for site in trace.nodes.values():
+        for site in prune_subsample_sites(trace).nodes.values():
             if site["type"] != "sample":
                 continue
             log_prob = site["fn"].log_prob(site["value"]) * site["scale"]
@@ -310,7 +311,8 @@ def fit_elbo(program: object, features: torch.Tensor, labels: torch.Tensor, site
             trace = poutine.trace(poutine.condition(program.model, data={site: draws})
                                   ).get_trace(features, labels)
         total = sum(node["fn"].log_prob(node["value"]).double() * node["scale"] / weight
-                    for node in trace.nodes.values() if node["type"] == "sample")
+                    for node in prune_subsample_sites(trace).nodes.values()
+                    if node["type"] == "sample")
         return (total - q.log_prob(draws).double()).mean(0)
 
 

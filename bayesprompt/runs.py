@@ -53,6 +53,9 @@ MODELS_DIR = Path(bayesprompt.models.__file__).resolve().parent
 #: be resumed with other values.
 EXECUTION_OPTIONS = ("prompt_chunk", "text_memory_gb", "grad_checkpointing", "loader_workers",
                      "log_every", "tensorboard")
+#: Options whose default changed when they were added: what a run folder that does not record
+#: them was trained with (runs before --guide-optimizer trained the guide with the SGD).
+UNRECORDED_VALUES = {"guide_optimizer": "sgd"}
 
 @dataclass(frozen=True)
 class DatasetDefaults:
@@ -394,9 +397,9 @@ def changed_options(saved: dict, config: RunConfig) -> dict[str, tuple[Any, Any]
     """name -> (value in `saved`, value in `config`) of every option in which a run folder's
     config.json differs from `config`. `out` (spelled differently, or the folder moved) and the
     EXECUTION_OPTIONS do not count; an option a run of an older version did not record counts
-    as its default."""
+    as its default (or as what runs before it did: UNRECORDED_VALUES)."""
     requested = json.loads(json.dumps(asdict(config)))
-    defaults = json.loads(json.dumps(asdict(RunConfig())))
+    defaults = {**json.loads(json.dumps(asdict(RunConfig()))), **UNRECORDED_VALUES}
     values = {k: (saved.get(k, defaults.get(k)), requested.get(k))
               for k in sorted(saved.keys() | requested.keys())
               if k not in ("out", *EXECUTION_OPTIONS)}
@@ -519,7 +522,8 @@ def load_run(run_dir: Path, device: str | None = None
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a run folder: no config.json there.")
     saved = read_json(config_file, RUN_CONFIG_FILE)
-    config = RunConfig(**{f.name: saved[f.name] for f in fields(RunConfig) if f.name in saved})
+    config = RunConfig(**{**UNRECORDED_VALUES,
+                          **{f.name: saved[f.name] for f in fields(RunConfig) if f.name in saved}})
     config = config.resolved()  # fills options that runs of older versions did not record
     if device:
         config.device = device

@@ -9,6 +9,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import TESTS
 
 from bayesprompt.errors import UserError
 from bayesprompt.posterior_check import (
@@ -23,7 +24,6 @@ from bayesprompt.posterior_check import (
 )
 from bayesprompt.prompt_model import PromptConfig
 from bayesprompt.runs import load_model_class
-from tests.conftest import TESTS
 
 NOISE = 0.8  # the linear-Gaussian programs' observation sd
 
