@@ -369,6 +369,11 @@ def check_warnings(reports: dict, diagnostics: dict, per_image: tuple[str, ...])
             warnings.append(f"'{site}': the prior is a poor importance proposal for some "
                             f"images (k-hat {reports[site]['gold_khat_max']:.2f} > "
                             f"{KHAT_LIMIT}); raise --draws.")
+    for site in per_image:
+        if reports[site]["amortization_gap"] < 0:
+            warnings.append(f"'{site}': the moment-matched fit of the exact posteriors has a "
+                            "lower ELBO than the guide (its sds are noisy at this many draws): "
+                            "the amortization gap is not usable; raise --draws.")
     for site, report in reports.items():
         if report["khat"] > KHAT_LIMIT:
             warnings.append(f"'{site}': the guide is not a usable importance proposal for the "
