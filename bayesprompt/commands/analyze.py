@@ -22,6 +22,8 @@ from bayesprompt.analysis.report import summary_lines, write_analysis
 from bayesprompt.api import Run
 from bayesprompt.commands.cli import run_main
 from bayesprompt.errors import UserError
+from bayesprompt.files import write_json
+from bayesprompt.runs.posterior_check import guide_khat
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,14 +52,19 @@ def main(argv: list[str] | None = None) -> None:
     run = Run.load(run_dir, args.device)
     posterior = run.posterior(args.num_samples, domains=args.domains, seed=args.seed)
     metrics = write_analysis(posterior, args.out)
+    metrics["khat"] = guide_khat(run)  # the guide as importance proposal (Yao et al., 2018)
+    write_json(Path(args.out or run_dir / "analysis") / "metrics.json", metrics)
     print("\n".join(summary_lines(metrics)))
+    if metrics["khat"] is not None:
+        print("Pareto k-hat of the guide (> 0.7: not a usable importance proposal): "
+              + "  ".join(f"{site} {value:.2f}" for site, value in metrics["khat"].items()))
     print(f"wrote {args.out or run_dir / 'analysis'}")
 
 
 def compare(args: argparse.Namespace) -> None:
     """Several runs (or ensembles) side by side: analysis/compare.py."""
     from bayesprompt.analysis.compare import compare_runs
-    from bayesprompt.ensemble import Ensemble
+    from bayesprompt.runs.ensemble import Ensemble
     if args.out is None:
         raise UserError("Comparing several runs needs --out DIR for the figures.")
     if args.num_samples is not None or args.seed is not None or args.domains:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyro
 import torch
@@ -58,6 +58,9 @@ class ObjectiveTerms:
     factors: dict[str, torch.Tensor]
     factor_means: dict[str, torch.Tensor]
     posterior_scale: dict[str, torch.Tensor]
+    #: ELBO only: site -> (2,) its share of `kl` (E_q[log q - log p] per image) and the mean
+    #: contraction, guide sd / prior sd (non-Delta sites with a standard deviation)
+    latent: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Objective:
@@ -139,8 +142,14 @@ def elbo_terms(program: PromptModel, model_trace: poutine.Trace, guide_trace: po
     for site in guide_trace.nodes.values():
         if site["type"] == "sample":
             kl = kl + site["log_prob_sum"].detach() / normaliser
-    return ObjectiveTerms(nll, kl, factors, factor_means(model_trace),
-                          posterior_scales(program, guide_trace))
+    scales = posterior_scales(program, guide_trace)
+    latent = {}
+    for name in scales:
+        guide_site, prior = guide_trace.nodes[name], model_trace.nodes[name]
+        site_kl = (guide_site["log_prob_sum"] - prior["log_prob_sum"]).detach() / normaliser
+        ratio = guide_site["fn"].stddev.detach() / prior["fn"].stddev.detach()
+        latent[name] = torch.stack([site_kl, ratio.mean()])
+    return ObjectiveTerms(nll, kl, factors, factor_means(model_trace), scales, latent)
 
 
 def elbo_objective(program: PromptModel, num_particles: int) -> Objective:

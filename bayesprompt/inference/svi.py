@@ -23,6 +23,11 @@ from bayesprompt.errors import UserError
 from bayesprompt.inference.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from bayesprompt.inference.objectives import Objective, make_objective
 from bayesprompt.inference.training_log import TrainingLog
+from bayesprompt.inference.variational import (
+    GUIDE_GROUP,
+    guide_optimizer,
+    guide_parameter_names,
+)
 from bayesprompt.program.base import GROUP_OPTIMIZERS, OptimizerGroup, PromptModel, in_param_scope
 
 #: A step whose loss exceeds this many times the first step's (at least 1 in size) diverged.
@@ -43,6 +48,10 @@ class TrainConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     seed: int = 1
+    #: "adam": the guide's variational parameters get Adam at guide_lr on the same schedule
+    #: (inference/variational.py); "sgd": the reference SGD like every other parameter.
+    guide_optimizer: str = "sgd"
+    guide_lr: float = 0.01
 
 
 @dataclass
@@ -106,17 +115,26 @@ def group_optimizers(named: dict[str, torch.nn.Parameter], groups: tuple[Optimiz
 
 
 class Optimizers:
-    """The reference SGD (warm-up + cosine) over the parameters of no group, and the
-    optimisers of the model's `optimizer_groups` (constant rates)."""
+    """The reference SGD (warm-up + cosine) over the parameters of no group, the optimisers of
+    the model's `optimizer_groups` (constant rates) and, for the parameters named in
+    `variational`, the guide's Adam on the same schedule scaled to `guide_lr`
+    (inference/variational.py)."""
 
     def __init__(self, named: dict[str, torch.nn.Parameter],
-                 groups: tuple[OptimizerGroup, ...], config: TrainConfig) -> None:
-        self.sgd, self.groups = group_optimizers(named, groups, config)
+                 groups: tuple[OptimizerGroup, ...], config: TrainConfig,
+                 variational: set[str]) -> None:
+        self.sgd, self.groups = group_optimizers(
+            {k: v for k, v in named.items() if k not in variational}, groups, config)
+        if variational:
+            self.groups[GUIDE_GROUP] = guide_optimizer(named, variational, config.guide_lr)
         self.all = [o for o in (self.sgd, *self.groups.values()) if o is not None]
 
     def set_epoch(self, epoch: int, config: TrainConfig) -> None:
         for group in self.sgd.param_groups if self.sgd is not None else []:
             group["lr"] = learning_rate(epoch, config)
+        guide = self.groups.get(GUIDE_GROUP)
+        for group in guide.param_groups if guide is not None else []:
+            group["lr"] = learning_rate(epoch, config) * config.guide_lr / config.lr
 
     def learning_rates(self) -> tuple[float | None, dict[str, float]]:
         """The reference SGD's learning rate (None without one) and each group's."""
@@ -287,7 +305,11 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     progress, state = restore(checkpoint, identity, resume, features.device)
     named = dict(pyro.get_param_store().named_parameters())
     parameters = list(named.values())
-    optimizers = Optimizers(named, program.optimizer_groups, config)
+    first = slice(0, config.batch_size)
+    variational = (guide_parameter_names(program, features[0, first], labels[first],
+                                         dataset_size)
+                   if config.guide_optimizer == "adam" else set())
+    optimizers = Optimizers(named, program.optimizer_groups, config, variational)
     if progress.start_epoch:
         optimizers.load_state(state)
         set_rng_state(state["rng"], state["cuda_rng"])

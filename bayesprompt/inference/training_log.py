@@ -16,6 +16,8 @@ the epoch (epoch rows), each step weighted by its images:
                       (0 in steps where the model did not add it)
     lr                the learning rate of the reference SGD (None if it holds no parameter)
     group_lr          {prefix: learning rate} of each optimizer group (e.g. E2MIM's critic)
+    latent            ELBO: {site: {kl_prior, contraction}}: the site's share of `kl` (its
+                      KL to the prior per image) and the guide's sd / the prior's sd, mean
     posterior_scale   {site: {mean, min, max}} of the guide's standard deviation over the
                       steps, particles, images and dimensions (non-Delta guides only)
     seconds           since the start of training (a resumed run continues the count)
@@ -46,6 +48,8 @@ if TYPE_CHECKING:
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_FOLDER = "tensorboard"
+#: The statistics of `latent`, in the order of `ObjectiveTerms.latent`.
+LATENT_STATISTICS = ("kl_prior", "contraction")
 #: The statistics of `posterior_scale`, in the order of `ObjectiveTerms.posterior_scale`.
 SCALE_STATISTICS = ("mean", "min", "max")
 
@@ -80,7 +84,10 @@ class RunningMeans:
         values = {"loss": loss, "nll": terms.nll, "kl": terms.kl,
                   **{f"factors/{name}": value for name, value in terms.factors.items()},
                   **{f"posterior_scale/{site}/mean": scale[0]
-                     for site, scale in terms.posterior_scale.items()}}
+                     for site, scale in terms.posterior_scale.items()},
+                  **{f"latent/{site}/{name}": value[i]
+                     for site, value in terms.latent.items()
+                     for i, name in enumerate(LATENT_STATISTICS)}}
         for name, value in values.items():
             self.sums[name] = self.sums.get(name, 0.0) + weight * value.detach().double()
         if share > 0:  # a rank left without an image ran on a stand-in image
@@ -108,11 +115,14 @@ class RunningMeans:
 def row_from_summary(summary: dict[str, float]) -> dict[str, Any]:
     """The nested loss, nll, kl, factors and posterior_scale fields of a row."""
     row: dict[str, Any] = {"loss": summary["loss"], "nll": summary["nll"], "kl": summary["kl"],
-                           "factors": {}, "posterior_scale": {}}
+                           "factors": {}, "posterior_scale": {}, "latent": {}}
     for name, value in sorted(summary.items()):
         group, _, rest = name.partition("/")
         if group == "factors":
             row["factors"][rest] = value
+        elif group == "latent":
+            site, statistic = rest.rsplit("/", 1)
+            row["latent"].setdefault(site, {})[statistic] = value
         elif group == "posterior_scale":
             site, statistic = rest.rsplit("/", 1)
             row["posterior_scale"].setdefault(site, {})[statistic] = value
@@ -149,6 +159,8 @@ def scalar_tags(row: dict) -> dict[str, float]:
     if row["lr"] is not None:
         tags[f"{kind}/lr"] = row["lr"]
     tags.update({f"{kind}/lr/{prefix}": v for prefix, v in row["group_lr"].items()})
+    tags.update({f"{kind}/latent/{site}/{k}": v for site, statistics in
+                 row.get("latent", {}).items() for k, v in statistics.items()})
     tags.update({f"{kind}/posterior_scale/{site}/{k}": v
                  for site, statistics in row["posterior_scale"].items()
                  for k, v in statistics.items()})

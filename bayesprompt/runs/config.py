@@ -15,6 +15,7 @@ from bayesprompt.data.datasets import known_datasets
 from bayesprompt.data.splits import SUBSAMPLES
 from bayesprompt.errors import UserError
 from bayesprompt.inference.objectives import OBJECTIVES
+from bayesprompt.inference.variational import GUIDE_OPTIMIZERS
 from bayesprompt.paths import cache_root, data_root
 from bayesprompt.world.downstream import DATASETS as OFFLINE_DATASETS
 
@@ -22,6 +23,9 @@ from bayesprompt.world.downstream import DATASETS as OFFLINE_DATASETS
 #: be resumed with other values.
 EXECUTION_OPTIONS = ("prompt_chunk", "text_memory_gb", "grad_checkpointing", "loader_workers",
                      "log_every", "tensorboard")
+#: Options whose default changed when they were added: what a run folder that does not record
+#: them was trained with (runs before --guide-optimizer trained the guide with the SGD).
+UNRECORDED_VALUES = {"guide_optimizer": "sgd"}
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,12 @@ class RunConfig:
                             choices=OBJECTIVES)
     lr: float | None = option(None, "SGD learning rate (default: the dataset's; reference: "
                               "0.002)")
+    guide_optimizer: str = option(
+        "sgd", "optimiser of the guide's variational parameters under --objective elbo: "
+        "Adam at --guide-lr on the warm-up and cosine schedule, or the reference SGD "
+        "(--objective paper always uses the reference SGD)", choices=GUIDE_OPTIMIZERS)
+    guide_lr: float = option(0.01, "peak learning rate of the guide's Adam (--guide-optimizer "
+                             "adam)")
     views: int = option(8, "cached augmented views per training image (0: no augmentation)")
     crop_min_scale: float | None = option(
         None, "smallest random crop, fraction of the area (default: the dataset's; reference: "
@@ -208,6 +218,8 @@ def check_numbers(config: RunConfig) -> None:
         ("--log-every", config.log_every, config.log_every >= 0,
          "0 (a row per epoch only) or more"),
         ("--lr", config.lr, finite(config.lr) and config.lr > 0, "a positive finite number"),
+        ("--guide-lr", config.guide_lr, finite(config.guide_lr) and config.guide_lr > 0,
+         "a positive finite number"),
         ("--views", config.views, config.views >= 0, "0 (no augmentation) or more"),
         ("--loader-workers", config.loader_workers,
          config.loader_workers is None or config.loader_workers >= 0,

@@ -14,7 +14,7 @@ from bayesprompt.errors import UserError
 from bayesprompt.files import read_json
 from bayesprompt.inference.checkpoint import load_checkpoint
 from bayesprompt.program.base import PromptModel
-from bayesprompt.runs.config import EXECUTION_OPTIONS, RunConfig
+from bayesprompt.runs.config import EXECUTION_OPTIONS, UNRECORDED_VALUES, RunConfig
 from bayesprompt.runs.inputs import load_run_clip, run_identity, split_datasets
 from bayesprompt.runs.model_files import build_program
 
@@ -33,9 +33,9 @@ def changed_options(saved: dict, config: RunConfig) -> dict[str, tuple[Any, Any]
     """name -> (value in `saved`, value in `config`) of every option in which a run folder's
     config.json differs from `config`. `out` (spelled differently, or the folder moved) and the
     EXECUTION_OPTIONS do not count; an option a run of an older version did not record counts
-    as its default."""
+    as its default (or as what runs before it did: UNRECORDED_VALUES)."""
     requested = json.loads(json.dumps(asdict(config)))
-    defaults = json.loads(json.dumps(asdict(RunConfig())))
+    defaults = {**json.loads(json.dumps(asdict(RunConfig()))), **UNRECORDED_VALUES}
     values = {k: (saved.get(k, defaults.get(k)), requested.get(k))
               for k in sorted(saved.keys() | requested.keys())
               if k not in ("out", *EXECUTION_OPTIONS)}
@@ -62,7 +62,8 @@ def load_run(run_dir: Path, device: str | None = None
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a run folder: no config.json there.")
     saved = read_json(config_file, RUN_CONFIG_FILE)
-    config = RunConfig(**{f.name: saved[f.name] for f in fields(RunConfig) if f.name in saved})
+    config = RunConfig(**{**UNRECORDED_VALUES,
+                          **{f.name: saved[f.name] for f in fields(RunConfig) if f.name in saved}})
     config = config.resolved()  # fills options that runs of older versions did not record
     if device:
         config.device = device

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -24,6 +25,9 @@ from bayesprompt.program.base import PromptModel
 from bayesprompt.runs.config import RunConfig
 from bayesprompt.runs.evaluate import test_features
 from bayesprompt.runs.folder import load_run
+
+if TYPE_CHECKING:
+    from bayesprompt.runs.posterior_check import CheckOptions
 
 #: What results.json is, for the message about a damaged one.
 RESULTS_FILE = "the run's test results as written at the end of training"
@@ -133,6 +137,14 @@ class LoadedRun:
                             "drawn per image: pass image_features (N, D), e.g. from "
                             "run.test_features(split).")
         return {site: value.cpu() for site, value in draws.latents.items()}
+
+    def check_posterior(self, options: CheckOptions | None = None, out: str | Path | None = None,
+                        progress: bool = True) -> dict:
+        """The guide against a gold standard (NUTS for global latents, importance sampling
+        for per-image ones): writes RUN/posterior_check/ (json and plot) and returns the
+        json's dict (`runs/posterior_check.py`)."""
+        from bayesprompt.runs.posterior_check import check_posterior  # it imports this module
+        return check_posterior(self, options, None if out is None else Path(out), progress)
 
     def _num_samples(self, num_samples: int | None) -> int:
         if num_samples is None:

@@ -73,7 +73,10 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
         write_json(out / "fewshot.json", selection.record())
     labels = torch.tensor([item.label for item in base.train], device=clip.device)
     train_config = TrainConfig(config.epochs, config.batch_size, config.num_particles,
-                               config.objective, config.lr, seed=config.seed)
+                               config.objective, config.lr, seed=config.seed,
+                               guide_optimizer=(config.guide_optimizer
+                                                if config.objective == "elbo" else "sgd"),
+                               guide_lr=config.guide_lr)
     started = time.perf_counter()
     try:
         history = train(program, features, labels, train_config, checkpoint,
