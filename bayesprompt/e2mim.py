@@ -45,6 +45,19 @@ ENSEMBLE_TEMPLATES = (
 TEMPLATES = ("dataset", "ensemble")
 
 
+def _as_number(value: object) -> float:
+    """A float or its text ('nan', 'inf') as a float; 0.0 for anything else (type-checked
+    later)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return 0.0
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float's range
+        return math.inf
+    except ValueError:
+        return 0.0
+
+
 @dataclass(frozen=True)
 class E2MIMOptions:
     """The `--set KEY=VALUE` options of the E2MIM models (defaults are ours, untuned)."""
@@ -72,6 +85,8 @@ class E2MIMOptions:
             raise UserError(f"Unknown E2MIM option(s) {unknown}; known: {', '.join(types)}.")
         for key, value in options.items():
             kind = types[key]
+            if kind is float and not math.isfinite(_as_number(value)):
+                raise UserError(f"--set {key}= must be a finite number, got {value!r}.")
             valid = isinstance(value, kind) or (kind is float and isinstance(value, int))
             if not valid or (kind is not bool and isinstance(value, bool)):
                 raise UserError(f"--set {key}= expects a {kind.__name__}, got {value!r}.")

@@ -32,8 +32,8 @@ from bayesprompt.data.features import cached_features
 from bayesprompt.data.offline_world import DATASETS as OFFLINE_DATASETS
 from bayesprompt.data.offline_world import default_data_root
 from bayesprompt.data.splits import SUBSAMPLES, FewShot, few_shot, subsample_classes
-from bayesprompt.errors import RunInterrupted, UserError
-from bayesprompt.files import make_folder, read_json, write_json
+from bayesprompt.errors import RunInterrupted, UserError, first_line
+from bayesprompt.files import read_json, write_json
 from bayesprompt.infer import (
     OBJECTIVES,
     TrainConfig,
@@ -43,8 +43,10 @@ from bayesprompt.infer import (
 )
 from bayesprompt.miniclip import cache_dir
 from bayesprompt.prompt_model import PromptConfig, PromptModel
+from bayesprompt.run_lock import RunFolderLock
 from bayesprompt.text_tower import TextBudget
 from bayesprompt.training_log import TrainingLog, check_tensorboard, write_loss_curve
+from bayesprompt.trust import check_model_file, model_to_load, record_model_file
 
 #: The model files shipped with the package (`models/` of the source tree).
 MODELS_DIR = Path(bayesprompt.models.__file__).resolve().parent
@@ -377,8 +379,12 @@ def new_class_metrics(program: PromptModel, base_probs: torch.Tensor, new_probs:
 
 def holds_run(out: Path) -> bool:
     """True when `out` holds (part of) a run: its config, checkpoint or results."""
-    return any((out / name).exists() for name in ("config.json", "checkpoint.pt",
-                                                  "results.json"))
+    try:
+        return any((out / name).exists() for name in ("config.json", "checkpoint.pt",
+                                                      "results.json"))
+    except OSError as error:
+        raise UserError(f"Cannot look into the run folder {out} ({first_line(error)}). Make it "
+                        "readable, or pass another --out.") from None
 
 
 def changed_options(saved: dict, config: RunConfig) -> dict[str, tuple[Any, Any]]:
@@ -413,9 +419,17 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
     `eval_on` datasets are evaluated on all their classes (cross-dataset transfer, or domain
     generalisation for a dataset with the same classes), as `transfer_acc`. Under torchrun
     every rank trains; rank 0 evaluates and returns the results, the other ranks return None.
-    Ctrl-C becomes `RunInterrupted`, which says how to continue.
+    Ctrl-C becomes `RunInterrupted`, which says how to continue. The run folder is locked
+    (`bayesprompt.run_lock`) from its first write to the end.
     """
+    with RunFolderLock() as lock:
+        return _train_and_evaluate(config, resume, lock)
+
+
+def _train_and_evaluate(config: RunConfig, resume: bool, lock: RunFolderLock) -> dict | None:
     config = config.resolved()
+    if resume:  # a changed model file is refused before it is imported
+        check_model_file(Path(config.out), config.model)
     load_model_class(config.model)  # an unknown model fails before anything is loaded
     distributed.check_batch_size(config.batch_size)
     out = Path(config.out)
@@ -441,7 +455,11 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
         features = cached_features(clip, base.train, views, cache, config.seed,
                                    config.crop_min_scale, config.loader_workers).to(clip.device)
     if distributed.is_main_process():  # only now: bad input leaves no half-made run
-        make_folder(out)
+        lock.hold(out)  # another process may have started a run there since the check above
+        if holds_run(out) and not resume:
+            raise UserError(f"{out} already holds a run (started by another process while "
+                            "this one prepared). Pass --resume to continue it, or another --out.")
+        record_model_file(out, config.model)
         write_json(out / "config.json", asdict(config))
         write_json(out / "fewshot.json", selection.record())
     labels = torch.tensor([item.label for item in base.train], device=clip.device)
@@ -500,13 +518,18 @@ def run_identity(config: RunConfig, clip: FrozenCLIP, classnames: list[str]) -> 
             "n_ctx": config.n_ctx}
 
 
-def load_run(run_dir: Path, device: str | None = None
+def load_run(run_dir: Path, device: str | None = None, model: str | None = None,
+             trust_model_file: bool = False
              ) -> tuple[RunConfig, PromptModel, FrozenCLIP, Dataset, Dataset | None]:
-    """Rebuild a trained run: its config, program (parameters restored), CLIP and datasets."""
+    """Rebuild a trained run: its config, program (parameters restored), CLIP and datasets.
+    The model is chosen by `trust.model_to_load`: a model file the run folder names is
+    imported only when passed as `model` or with `trust_model_file`."""
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a run folder: no config.json there.")
     saved = read_json(config_file, RUN_CONFIG_FILE)
+    saved["model"] = model_to_load(run_dir, str(saved.get("model", RunConfig.model)), model,
+                                   trust_model_file)
     config = RunConfig(**{f.name: saved[f.name] for f in fields(RunConfig) if f.name in saved})
     config = config.resolved()  # fills options that runs of older versions did not record
     if device:

@@ -31,8 +31,14 @@ def main(argv: list[str] | None = None) -> None:
                              "e.g. miniworld_sketch")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the run's)")
     parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis)")
+    parser.add_argument("--model", metavar="PATH",
+                        help="the model file (.py) of a run trained with one: its code is "
+                        "imported (default: a built-in model by the name config.json gives)")
+    parser.add_argument("--trust-model-file", action="store_true",
+                        help="import the model file that the run's config.json names "
+                        "(README, Security)")
     args = parser.parse_args(argv)
-    run = Run.load(args.run_dir, args.device)
+    run = Run.load(args.run_dir, args.device, args.model, args.trust_model_file)
     posterior = run.posterior(args.num_samples, domains=args.domains, seed=args.seed)
     metrics = write_analysis(posterior, args.out)
     print("\n".join(summary_lines(metrics)))
