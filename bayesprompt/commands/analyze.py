@@ -15,6 +15,7 @@ from pathlib import Path
 from bayesprompt.analysis.report import summary_lines, write_analysis
 from bayesprompt.api import Run
 from bayesprompt.cli import run_main
+from bayesprompt.run_lock import RunFolderLock
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     run = Run.load(args.run_dir, args.device, args.model, args.trust_model_file)
     posterior = run.posterior(args.num_samples, domains=args.domains, seed=args.seed)
-    metrics = write_analysis(posterior, args.out)
+    with RunFolderLock() as lock:
+        if args.out is None:  # RUN_DIR/analysis: a write to the run folder
+            lock.hold(args.run_dir)
+        metrics = write_analysis(posterior, args.out)
     print("\n".join(summary_lines(metrics)))
     print(f"wrote {args.out or args.run_dir / 'analysis'}")
 
