@@ -72,7 +72,7 @@ def num_samples(value: int, stochastic: bool, model: str) -> int:
     """Posterior draws S: 1 or more, and 1 for a point-estimate model (its draws would all be
     the same)."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise UserError(f"num_samples must be an integer, 1 or more, got {value!r}.")
+        raise UserError(f"num_samples must be 1 or more (an integer), got {value!r}.")
     if not stochastic and value != 1:
         raise UserError(f"{model} is a point-estimate model: it has one draw of its prompts, "
                         f"so num_samples must be 1 (or None), got {value}.")
