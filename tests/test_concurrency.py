@@ -150,3 +150,27 @@ def test_a_held_folder_is_refused_and_a_dead_holders_lock_is_gone(args: list[str
     assert resumed.returncode == 0, resumed.stderr
     assert not stale.exists() and (out / "loss_curve.png").is_file()
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_sweep_run_whose_folder_is_held_fails_alone(eurosat_root: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    """A sweep's run takes its folder's lock like any run: held elsewhere, that run is reported
+    failed with the holder's PID, and the sweep reports it (exit code 1), writing nothing there."""
+    from conftest import TINY_BACKBONE
+
+    from bayesprompt.cli import run_main
+    from bayesprompt.commands import benchmark
+    settings = [f"root={eurosat_root}", f"backbone={TINY_BACKBONE}", "pretrained=none",
+                "shots=4", "epochs=1", "num_particles=2", "batch_size=4", "views=1",
+                f"cache_dir={tmp_path / 'cache'}"]
+    args = ["--protocol", "base2new", "--datasets", "eurosat", "--models", "coop", "--seeds",
+            "1", *[arg for pair in settings for arg in ("--set", pair)], "--device", "cpu",
+            "--executor", "none", "--out", str(tmp_path / "sweep")]
+    run = tmp_path / "sweep/eurosat/coop/seed1"
+    with RunFolderLock() as lock, pytest.raises(SystemExit) as exit_info:
+        lock.hold(run)
+        run_main(benchmark.main, args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"{run}: UserError: {run} is in use by another process (PID {os.getpid()})" in err
+    assert not (run / "config.json").exists()
