@@ -33,9 +33,13 @@ def runs(eurosat_root: Path, tmp_path_factory: pytest.TempPathFactory
     ({"eval_on": "eurosat"}, "eval_on takes a list"),
     ({"grad_checkpointing": 1}, "grad_checkpointing takes true or false"),
 ])
-def test_fit_checks_values_as_config_files_are_checked(options: dict, message: str) -> None:
+def test_fit_checks_values_as_config_files_are_checked(options: dict, message: str,
+                                                       tmp_path: Path) -> None:
+    """Checked first: an unchecked value would instead meet the unknown dataset (and never
+    start a long default run)."""
     with pytest.raises(UserError, match=message):
-        bayesprompt.fit(**options)
+        bayesprompt.fit(dataset="no_such_dataset", out=str(tmp_path / "run"), **options)
+    assert not (tmp_path / "run").exists()
 
 
 def test_predict_casts_float_tensors_and_arrays(runs) -> None:
