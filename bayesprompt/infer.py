@@ -265,8 +265,9 @@ def load_checkpoint(path: Path, identity: dict, device: torch.device | str = "cp
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights only" not in str(error).lower():
-            raise _corrupt(path, f"it is not a checkpoint ({first_line(error)})") from None
+        if "global" not in str(error).lower():  # torch names a refused class or function
+            raise _corrupt(path, "it is truncated, corrupt or not a checkpoint "
+                           f"({first_line(error)})") from None
         raise UserError(
             f"The checkpoint {path} is refused: besides tensors it holds pickled Python objects, "
             "and loading those could run code from the file. The checkpoints this project "

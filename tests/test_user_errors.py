@@ -111,9 +111,17 @@ class Payload:
     """Anything that is not a tensor or a plain container."""
 
 
-def test_a_pickled_checkpoint_is_refused_in_one_paragraph(tmp_path: Path) -> None:
+class Command:
+    """A payload that calls a function when unpickled."""
+
+    def __reduce__(self) -> tuple:
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("payload", [Payload, Command])
+def test_a_pickled_checkpoint_is_refused_in_one_paragraph(payload: type, tmp_path: Path) -> None:
     buffer = io.BytesIO()
-    torch.save({"epoch": 1, "payload": Payload()}, buffer)
+    torch.save({"epoch": 1, "payload": payload()}, buffer)
     (tmp_path / "checkpoint.pt").write_bytes(buffer.getvalue())
     with pytest.raises(UserError) as refused:
         load_checkpoint(tmp_path / "checkpoint.pt", {})
