@@ -18,10 +18,10 @@ analysis package's views added; this module is the only one below the commands t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from bayesprompt.errors import UserError
+from bayesprompt.runs import checks as api_checks
 from bayesprompt.runs.config import RunConfig, default_device, default_precision
 from bayesprompt.runs.loaded_run import LoadedRun
 from bayesprompt.runs.train import train_and_evaluate
@@ -62,14 +62,10 @@ def fit(resume: bool = False, **options: Any) -> Run | None:
     The run folder (`out`, default runs/DATASET/MODEL/...) must not hold a run, unless
     `resume=True` continues it. Under torchrun, ranks other than 0 return None.
     """
-    known = {f.name for f in fields(RunConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise UserError(f"Unknown option(s) {unknown} of bayesprompt.fit; the options are the "
-                        f"fields of RunConfig: {', '.join(sorted(known))}.")
+    options = api_checks.check_options(RunConfig, options, "bayesprompt.fit")
     options.setdefault("device", default_device())
     options.setdefault("precision", default_precision(options["device"]))
     config = RunConfig(**options).resolved()
     if train_and_evaluate(config, resume=resume) is None:
         return None
-    return Run.load(config.out)
+    return Run.load(config.out, model=config.model)  # the caller's own choice of model

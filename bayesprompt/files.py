@@ -59,6 +59,9 @@ def make_folder(folder: Path | str) -> Path:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"Cannot make the folder {folder}: it, or a folder above it, is an "
+                        "existing file. Choose another path (e.g. another --out).") from None
     except OSError as error:
         raise write_error(error, folder) from None
     return folder

@@ -6,6 +6,7 @@ and model files' own options (e.g. E2MIM's)."""
 from __future__ import annotations
 
 import json
+import math
 import types
 from dataclasses import MISSING, Field, make_dataclass
 from typing import Any, get_args, get_origin, get_type_hints
@@ -83,6 +84,8 @@ def check_field_value(config_class: type, name: str, value: Any) -> Any:
     kind, optional = field_type(config_class, name)
     if value is None and optional:
         return value
+    if kind is float and not _finite(value):
+        raise ValueError(f"{name}= must be a finite number, not {value!r}")
     fits = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
             float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
             list: lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v)}
@@ -90,6 +93,19 @@ def check_field_value(config_class: type, name: str, value: Any) -> Any:
         raise ValueError(f"{name} takes {'a list of text' if kind is list else DESCRIBED[kind]}"
                          f"{' or null' if optional else ''}, not {json.dumps(value)}")
     return float(value) if kind is float else value
+
+
+def _finite(value: Any) -> bool:
+    """False for a number, or the text of one ('nan', '-inf'), that is not finite (an integer
+    beyond float's range included); True for anything else (its type is checked apart)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return True
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+    except ValueError:
+        return True
 
 
 def field_default(item: Field) -> Any:

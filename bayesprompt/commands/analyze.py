@@ -23,6 +23,7 @@ from bayesprompt.api import Run
 from bayesprompt.commands.cli import run_main
 from bayesprompt.errors import UserError
 from bayesprompt.files import write_json
+from bayesprompt.runs.lock import RunFolderLock
 from bayesprompt.runs.posterior_check import guide_khat
 
 
@@ -44,16 +45,25 @@ def main(argv: list[str] | None = None) -> None:
                              "e.g. miniworld_sketch")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the run's)")
     parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis)")
+    parser.add_argument("--model", metavar="PATH",
+                        help="the model file (.py) of a run trained with one: its code is "
+                        "imported (default: a built-in model by the name config.json gives)")
+    parser.add_argument("--trust-model-file", action="store_true",
+                        help="import the model file that the run's config.json names "
+                        "(README, Security)")
     args = parser.parse_args(argv)
     if len(args.run_dir) > 1:
         compare(args)
         return
     run_dir = args.run_dir[0]
-    run = Run.load(run_dir, args.device)
+    run = Run.load(run_dir, args.device, args.model, args.trust_model_file)
     posterior = run.posterior(args.num_samples, domains=args.domains, seed=args.seed)
-    metrics = write_analysis(posterior, args.out)
-    metrics["khat"] = guide_khat(run)  # the guide as importance proposal (Yao et al., 2018)
-    write_json(Path(args.out or run_dir / "analysis") / "metrics.json", metrics)
+    with RunFolderLock() as lock:
+        if args.out is None:  # RUN_DIR/analysis: a write to the run folder
+            lock.hold(run_dir)
+        metrics = write_analysis(posterior, args.out)
+        metrics["khat"] = guide_khat(run)  # the guide as importance proposal (Yao et al., 2018)
+        write_json(Path(args.out or run_dir / "analysis") / "metrics.json", metrics)
     print("\n".join(summary_lines(metrics)))
     if metrics["khat"] is not None:
         print("Pareto k-hat of the guide (> 0.7: not a usable importance proposal): "
@@ -74,7 +84,8 @@ def compare(args: argparse.Namespace) -> None:
     for folder in args.run_dir:
         label = f"{folder.resolve().parent.name}/{folder.resolve().name}"
         is_run = (folder / "config.json").is_file()
-        runs[label] = Run.load(folder, args.device) if is_run else \
+        runs[label] = Run.load(folder, args.device, args.model, args.trust_model_file) \
+            if is_run else \
             Ensemble.load_folder(folder, args.device)
     summary = compare_runs(runs, args.splits, args.out)
     for split, rows in summary.items():

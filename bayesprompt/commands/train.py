@@ -32,6 +32,7 @@ from bayesprompt.runs.config import RunConfig, default_device, default_precision
 from bayesprompt.runs.evaluate import summary_line
 from bayesprompt.runs.model_files import known_models
 from bayesprompt.runs.train import train_and_evaluate
+from bayesprompt.runs.trust import config_folder, model_to_load
 
 
 def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
@@ -40,8 +41,14 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
     defaults, which the other flags override."""
     config_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     config_parser.add_argument("--config")
-    config_file = config_parser.parse_known_args(argv)[0].config
+    config_parser.add_argument("--model")
+    config_parser.add_argument("--trust-model-file", action="store_true")
+    early = config_parser.parse_known_args(argv)[0]
+    config_file = early.config
     saved = read_config_file(config_file, RunConfig) if config_file else {}
+    if "model" in saved and early.model is None:  # the file's model file runs only if trusted
+        saved["model"] = model_to_load(config_folder(config_file), saved["model"], None,
+                                       early.trust_model_file)
     defaults = {"device": default_device(), "precision": None, **saved}
 
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
@@ -53,6 +60,10 @@ def parse_args(argv: list[str] | None) -> tuple[RunConfig, bool]:
                         "the default --out, follow the flags again)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint")
+    parser.add_argument("--trust-model-file", action="store_true",
+                        help="with --config: import the model file (.py) that the config "
+                        "names; without it, only a built-in model or an explicit --model PATH "
+                        "is imported (README, Security)")
     add_config_arguments(parser, RunConfig, defaults,
                          {"datasets": ", ".join(known_datasets()),
                           "models": ", ".join(known_models())})

@@ -74,6 +74,8 @@ def load_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise UserError(too_large_image(path, error)) from None
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise UserError(unreadable_image(path, error)) from None
 
@@ -83,8 +85,20 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.height, image.width
+    except Image.DecompressionBombError as error:
+        raise UserError(too_large_image(path, error)) from None
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise UserError(unreadable_image(path, error)) from None
+
+
+def too_large_image(path: Path, error: Exception) -> str:
+    """The message about an image over Pillow's decompression-bomb limit (kept on: a huge
+    image can exhaust the memory)."""
+    return (f"The image {path} is too large to decode safely ({first_line(error)}): Pillow "
+            f"refuses images of more than 2 x Image.MAX_IMAGE_PIXELS = "
+            f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels. Shrink or remove the image (or remove "
+            "it from the split file); if you trust it, raise PIL.Image.MAX_IMAGE_PIXELS in your "
+            "own script. Then run again.")
 
 
 def unreadable_image(path: Path, error: Exception) -> str:

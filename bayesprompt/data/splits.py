@@ -95,13 +95,19 @@ def few_shot(dataset: Dataset, shots: int, seed: int, cache_dir: Path | None = N
                       f"shot_{shots}-seed_{seed}-{key}.json")
         cached = _read_cache(cache_file, key)
         if cached is not None:
-            return FewShot(_with_selection(dataset, cached), f"{cache_file} (cache)")
+            return FewShot(_with_selection(dataset, cached), sampled_source(cache_file))
     train, val = dassl_few_shot(dataset, shots, seed)
     chosen = replace(dataset, train=train, val=val)
     if cache_file is not None:
         _write_cache(cache_file, {"sampler": SAMPLER, "key": key, "dataset": dataset.name,
                                   "shots": shots, "seed": seed, **selection_record(chosen)})
-    return FewShot(chosen, f"sampled ({SAMPLER})")
+    return FewShot(chosen, sampled_source(cache_file))
+
+
+def sampled_source(cache_file: Path | None) -> str:
+    """How a sampled selection came about, the same whether it was just drawn or read back
+    from its cache file (a resumed run's results.json equals an uninterrupted one's)."""
+    return f"sampled ({SAMPLER})" + (f", cached in {cache_file}" if cache_file else "")
 
 
 def selection_key(dataset: Dataset, shots: int, seed: int) -> str:

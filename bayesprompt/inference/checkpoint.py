@@ -13,7 +13,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from bayesprompt.errors import UserError
+from bayesprompt.errors import UserError, first_line
 from bayesprompt.files import save_torch
 
 #: Keys every checkpoint holds.
@@ -39,8 +39,17 @@ def load_checkpoint(path: Path, identity: dict, device: torch.device | str = "cp
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as error:
+    except pickle.UnpicklingError as error:
+        if "global" not in str(error).lower():  # torch names a refused class or function
+            raise _corrupt(path, "it is truncated, corrupt or not a checkpoint "
+                           f"({first_line(error)})") from None
+        raise UserError(
+            f"The checkpoint {path} is refused: besides tensors it holds pickled Python objects, "
+            "and loading those could run code from the file. The checkpoints this project "
+            "writes hold tensors and plain containers only, so this one was written by other "
+            "code or altered. Use a run folder from a source you trust, or delete the "
+            "checkpoint (and the run folder's results) and train again.") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise _corrupt(path, f"it is truncated, corrupt or not a checkpoint ({error})") from None
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
         raise _corrupt(path, f"it lacks some of {', '.join(CHECKPOINT_KEYS)}")

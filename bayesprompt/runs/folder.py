@@ -10,13 +10,14 @@ from typing import Any
 
 from bayesprompt.clip.model import FrozenCLIP
 from bayesprompt.data.datasets import Dataset
-from bayesprompt.errors import UserError
+from bayesprompt.errors import UserError, first_line
 from bayesprompt.files import read_json
 from bayesprompt.inference.checkpoint import load_checkpoint
 from bayesprompt.program.base import PromptModel
 from bayesprompt.runs.config import EXECUTION_OPTIONS, UNRECORDED_VALUES, RunConfig
 from bayesprompt.runs.inputs import load_run_clip, run_identity, split_datasets
 from bayesprompt.runs.model_files import build_program
+from bayesprompt.runs.trust import model_to_load
 
 #: What a run folder's config.json holds, for the message about a damaged one.
 RUN_CONFIG_FILE = ("the run's options as written by svi_train.py; restore the file, or train "
@@ -25,8 +26,12 @@ RUN_CONFIG_FILE = ("the run's options as written by svi_train.py; restore the fi
 
 def holds_run(out: Path) -> bool:
     """True when `out` holds (part of) a run: its config, checkpoint or results."""
-    return any((out / name).exists() for name in ("config.json", "checkpoint.pt",
-                                                  "results.json"))
+    try:
+        return any((out / name).exists() for name in ("config.json", "checkpoint.pt",
+                                                      "results.json"))
+    except OSError as error:
+        raise UserError(f"Cannot look into the run folder {out} ({first_line(error)}). Make it "
+                        "readable, or pass another --out.") from None
 
 
 def changed_options(saved: dict, config: RunConfig) -> dict[str, tuple[Any, Any]]:
@@ -55,13 +60,18 @@ def check_resume(config: RunConfig, out: Path) -> None:
                         "Resume with the run's options, or start a new run with another --out.")
 
 
-def load_run(run_dir: Path, device: str | None = None
+def load_run(run_dir: Path, device: str | None = None, model: str | None = None,
+             trust_model_file: bool = False
              ) -> tuple[RunConfig, PromptModel, FrozenCLIP, Dataset, Dataset | None]:
-    """Rebuild a trained run: its config, program (parameters restored), CLIP and datasets."""
+    """Rebuild a trained run: its config, program (parameters restored), CLIP and datasets.
+    The model is chosen by `trust.model_to_load`: a model file the run folder names is
+    imported only when passed as `model` or with `trust_model_file`."""
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a run folder: no config.json there.")
     saved = read_json(config_file, RUN_CONFIG_FILE)
+    saved["model"] = model_to_load(run_dir, str(saved.get("model", RunConfig.model)), model,
+                                   trust_model_file)
     config = RunConfig(**{**UNRECORDED_VALUES,
                           **{f.name: saved[f.name] for f in fields(RunConfig) if f.name in saved}})
     config = config.resolved()  # fills options that runs of older versions did not record

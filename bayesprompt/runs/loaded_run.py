@@ -22,6 +22,7 @@ from bayesprompt.files import read_json
 from bayesprompt.inference.predictive import posterior_draws, predictive_probs
 from bayesprompt.inference.training_log import read_rows
 from bayesprompt.program.base import PromptModel
+from bayesprompt.runs import checks as api_checks
 from bayesprompt.runs.config import RunConfig
 from bayesprompt.runs.evaluate import test_features
 from bayesprompt.runs.folder import load_run
@@ -47,13 +48,19 @@ class LoadedRun:
     new: Dataset | None
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | None = None) -> LoadedRun:
-        """The run in `folder` (config.json, checkpoint.pt), on `device` (default: the run's)."""
+    def load(cls, folder: str | Path, device: str | None = None, model: str | None = None,
+             trust_model_file: bool = False) -> LoadedRun:
+        """The run in `folder` (config.json, checkpoint.pt), on `device` (default: the run's).
+
+        A model file (.py) that the folder's config.json names is Python code: it is imported
+        only when passed here as `model` or with `trust_model_file=True`; built-in models load
+        by name. A model file whose SHA-256 differs from the one the run recorded is refused.
+        """
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise UserError(f"Run folder not found: {folder}. Pass a folder written by "
                             "bayesprompt.fit or svi_train.py (it holds config.json).")
-        config, program, clip, base, new = load_run(folder, device)
+        config, program, clip, base, new = load_run(folder, device, model, trust_model_file)
         return cls(folder, config, program, clip, base, new)
 
     def __repr__(self) -> str:
@@ -81,8 +88,8 @@ class LoadedRun:
         return self.program.classnames
 
     def set_classes(self, classnames: Sequence[str]) -> None:
-        """Score these classes from now on (the learned prompts are kept)."""
-        self.program.set_classes(list(classnames))
+        """Score these classes from now on (the learned prompts are kept); at least one."""
+        self.program.set_classes(api_checks.class_names(classnames))
 
     def dataset(self, split: str) -> Dataset:
         """'base', 'new', or a dataset name (all its classes) from the run's data root."""
@@ -116,8 +123,12 @@ class LoadedRun:
                 seed: int | None = None) -> torch.Tensor:
         """Class probabilities (S, N, C) of image features (N, D) under S posterior draws
         (default: the run's eval_samples and eval_seed, as results.json); their mean over S
-        is the posterior predictive. Point-estimate models give S = 1."""
-        probs = predictive_probs(self.program, image_features.to(self.clip.device),
+        is the posterior predictive. Features may be a float tensor or NumPy array (cast to
+        float32 on the run's device). Point-estimate models give S = 1 and refuse another
+        `num_samples`."""
+        image_features = api_checks.image_features(image_features, self.clip.feature_dim,
+                                                   self.clip.device)
+        probs = predictive_probs(self.program, image_features,
                                  self._num_samples(num_samples), self.config.eval_batch_size,
                                  self.config.eval_seed if seed is None else seed)
         return probs.cpu()
@@ -128,7 +139,8 @@ class LoadedRun:
         """Draws of the latent sites from the guide: site -> (S, *event) for global sites,
         (S, N, *event) for per-image sites, which need `image_features` (N, D)."""
         blank = image_features is None
-        features = torch.zeros(1, self.clip.feature_dim) if blank else image_features
+        features = torch.zeros(1, self.clip.feature_dim) if blank else \
+            api_checks.image_features(image_features, self.clip.feature_dim, self.clip.device)
         draws = posterior_draws(self.program, features.to(self.clip.device),
                                 self._num_samples(num_samples),
                                 self.config.eval_seed if seed is None else seed)
@@ -149,6 +161,4 @@ class LoadedRun:
     def _num_samples(self, num_samples: int | None) -> int:
         if num_samples is None:
             return self.config.eval_samples
-        if num_samples < 1:
-            raise UserError(f"num_samples must be 1 or more, got {num_samples}.")
-        return num_samples
+        return api_checks.num_samples(num_samples, self.program.stochastic, self.config.model)

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -33,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bayesprompt.errors import RunInterrupted, UserError
-from bayesprompt.files import read_json, write_json
+from bayesprompt.files import make_folder, read_json, write_json
 from bayesprompt.runs.config import RunConfig
 from bayesprompt.runs.folder import changed_options
 from bayesprompt.runs.train import train_and_evaluate
@@ -43,6 +44,8 @@ EXECUTORS = ("local", "slurm", "none")
 POLL_SECONDS = 0.5
 #: Local jobs have no time limit of their own: submitit's (2 minutes by default) is set to a year.
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365
+#: The standard error of submitit's local job controllers, in the sweep's submitit folder.
+CONTROLLER_LOG = "controllers.log"
 #: The record of submitted SLURM arrays, in the sweep's submitit folder.
 SLURM_RECORD = "slurm_jobs.json"
 
@@ -237,7 +240,8 @@ def run_local(todo: list[Outcome], folder: Path, options: SweepOptions, progress
                     executor.update_parameters(gpus_per_node=1, visible_gpus=[gpu])
                 else:
                     executor.update_parameters(gpus_per_node=len(gpus), visible_gpus=gpus)
-                with environment(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)):
+                with environment(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)), \
+                        stderr_into(folder / CONTROLLER_LOG):
                     running[executor.submit(run_job, outcome.config)] = (outcome, gpu)
             time.sleep(POLL_SECONDS)
             for job in [job for job in running if job.done()]:
@@ -265,6 +269,24 @@ def environment(**variables: str) -> Iterator[None]:
                 os.environ.pop(name)
             else:
                 os.environ[name] = value
+
+
+@contextmanager
+def stderr_into(path: Path) -> Iterator[None]:
+    """This process's standard error (file descriptor 2) appended to `path` for a block, so
+    that the processes it starts write theirs there: submitit's local job controllers, whose
+    KeyboardInterrupt tracebacks on Ctrl-C would otherwise fill the terminal."""
+    make_folder(path.parent)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def job_answer(job) -> dict:

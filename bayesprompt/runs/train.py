@@ -21,7 +21,7 @@ from bayesprompt import distributed
 from bayesprompt.data.datasets import load_dataset
 from bayesprompt.data.features import cached_features
 from bayesprompt.errors import RunInterrupted, UserError
-from bayesprompt.files import make_folder, write_json
+from bayesprompt.files import write_json
 from bayesprompt.inference.loss_curve import write_loss_curve
 from bayesprompt.inference.svi import TrainConfig, train
 from bayesprompt.inference.training_log import TrainingLog, check_tensorboard
@@ -30,7 +30,9 @@ from bayesprompt.runs.config import RunConfig
 from bayesprompt.runs.evaluate import evaluate, new_class_metrics
 from bayesprompt.runs.folder import check_resume, holds_run
 from bayesprompt.runs.inputs import load_run_clip, run_identity, split_datasets
+from bayesprompt.runs.lock import RunFolderLock
 from bayesprompt.runs.model_files import build_program, load_model_class
+from bayesprompt.runs.trust import check_model_file, record_model_file
 from bayesprompt.selective import results_entries
 
 
@@ -40,9 +42,17 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
     `eval_on` datasets are evaluated on all their classes (cross-dataset transfer, or domain
     generalisation for a dataset with the same classes), as `transfer_acc`. Under torchrun
     every rank trains; rank 0 evaluates and returns the results, the other ranks return None.
-    Ctrl-C becomes `RunInterrupted`, which says how to continue.
+    Ctrl-C becomes `RunInterrupted`, which says how to continue. The run folder is locked
+    (`runs/lock.py`) from its first write to the end.
     """
+    with RunFolderLock() as lock:
+        return _train_and_evaluate(config, resume, lock)
+
+
+def _train_and_evaluate(config: RunConfig, resume: bool, lock: RunFolderLock) -> dict | None:
     config = config.resolved()
+    if resume:  # a changed model file is refused before it is imported
+        check_model_file(Path(config.out), config.model)
     load_model_class(config.model)  # an unknown model fails before anything is loaded
     distributed.check_batch_size(config.batch_size)
     out = Path(config.out)
@@ -68,7 +78,11 @@ def train_and_evaluate(config: RunConfig, resume: bool = False) -> dict | None:
         features = cached_features(clip, base.train, views, cache, config.seed,
                                    config.crop_min_scale, config.loader_workers).to(clip.device)
     if distributed.is_main_process():  # only now: bad input leaves no half-made run
-        make_folder(out)
+        lock.hold(out)  # another process may have started a run there since the check above
+        if holds_run(out) and not resume:
+            raise UserError(f"{out} already holds a run (started by another process while "
+                            "this one prepared). Pass --resume to continue it, or another --out.")
+        record_model_file(out, config.model)
         write_json(out / "config.json", asdict(config))
         write_json(out / "fewshot.json", selection.record())
     labels = torch.tensor([item.label for item in base.train], device=clip.device)
