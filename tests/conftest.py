@@ -12,7 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip imports hugging
 
 from bayesprompt.data.fixtures import TINY_BACKBONE, write_eurosat  # noqa: E402
 
-__all__ = ["TINY_BACKBONE", "write_eurosat"]
+#: This folder (test model files live in TESTS/models).
+TESTS = Path(__file__).resolve().parent
+
+__all__ = ["TESTS", "TINY_BACKBONE", "write_eurosat"]
 
 
 @pytest.fixture(scope="session")
