@@ -4,10 +4,11 @@
 import pyro
 import pyro.distributions as dist
 import torch
-from bayesprompt.guides import diagonal_normal
-from bayesprompt.priors import standard_normal
-from bayesprompt.prompt_model import PromptModel
 from pyro import poutine
+
+from bayesprompt.program import PromptModel
+from bayesprompt.program.guides import diagonal_normal
+from bayesprompt.program.priors import standard_normal
 
 
 class IgnoresResidual(PromptModel):
