@@ -145,7 +145,7 @@ def test_coop_laplace_posterior_is_the_inverse_ggn_of_its_training_data(tiny_cli
     assert not program.stochastic
     train(program, views, labels, TrainConfig(epochs=3, batch_size=12, lr=0.02, warmup_epochs=0))
     assert program.stochastic
-    state = program.state_dict()
+    state = program.prompt_state()
     ctx = state["ctx_map"]
     # The GGN by another path: the Jacobian of every logit in reverse mode.
     x = views.reshape(-1, views.shape[-1])

@@ -279,7 +279,7 @@ def ensemble_run(out: Path, dataset: str, row: Row, seed: int, members: list[int
                  finished: set[str], device: str) -> dict | None:
     """The ensemble of a row's member runs (folders DIR/DATASET/MODEL/seedS): its results,
     also written to DIR/DATASET/MODEL-ensM/seedS/results.json; None if a member failed."""
-    from bayesprompt.ensemble import ensemble_results
+    from bayesprompt.runs.ensemble import ensemble_results
     folders = [out / Path(dataset).name / Path(row.model).stem / f"seed{member}"
                for member in members]
     if any(str(folder.resolve()) not in finished for folder in folders):
