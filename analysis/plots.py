@@ -217,9 +217,10 @@ def plot_feature_projection(
     save_figure(fig, path)
 
 
-def _latent_coords(idata: Any, var_name: str, max_dims: int, image: int) -> dict[str, list]:
+def _latent_coords(idata: Any, var_name: str, max_dims: int | None, image: int
+                   ) -> dict[str, list]:
     """Selection of a few scalar components of ``var_name``: index ``image`` on the image dim,
-    index 0 on other leading dims, the first ``max_dims`` entries of the last dim."""
+    index 0 on other leading dims, the first ``max_dims`` entries of the last dim (all: None)."""
     da = idata["posterior"][var_name]
     event_dims = [d for d in da.dims if d not in ("chain", "draw")]
     coords = {d: [image if d == "image" else 0] for d in event_dims[:-1]}
@@ -284,11 +285,15 @@ def plot_latent_posterior(
 def plot_latent_forest(
     idata: Any, path: str | os.PathLike, var_name: str = "r", max_dims: int = 8, image: int = 0
 ) -> None:
-    """ArviZ forest plot (94% HDI, interquartile range and mean) of a few components of a latent.
+    """ArviZ forest plot (94% HDI, interquartile range and mean) of the ``max_dims`` most
+    constrained components of a latent: those of smallest posterior standard deviation (over
+    the draws), i.e. relative to the N(0, I) prior of the residuals, the ones the data pinned
+    down most (image ``image`` for per-image latents).
 
     Args: as :func:`plot_latent_posterior`.
     """
-    coords = _latent_coords(idata, var_name, max_dims, image)
+    coords = _most_constrained(idata, var_name, _latent_coords(idata, var_name, None, image),
+                               max_dims)
     if ARVIZ_1:
         plot = az.plot_forest(idata, var_names=[var_name], coords=coords, backend="matplotlib")
         _save_arviz_1(plot, path)
@@ -297,8 +302,24 @@ def plot_latent_forest(
     fig = new_figure(figsize=(5.0, 0.45 * n_rows + 1.2), layout="constrained")
     ax = fig.subplots()
     az.plot_forest(idata, var_names=[var_name], coords=coords, combined=True, ax=ax, textsize=9)
-    fig.suptitle(_selection_title(var_name, coords))
+    last = list(coords)[-1] if coords else None
+    fixed = {d: v for d, v in coords.items() if d != last}
+    fig.suptitle(f"{_selection_title(var_name, fixed)}: the {len(coords.get(last, []))} "
+                 "components of smallest posterior sd" if last else var_name)
     save_figure(fig, path)
+
+
+def _most_constrained(idata: Any, var_name: str, coords: dict[str, list], max_dims: int
+                      ) -> dict[str, list]:
+    """``coords`` with the entries of the last dim cut to the ``max_dims`` of smallest
+    posterior standard deviation (in the order of the dim)."""
+    if not coords:
+        return coords
+    da = idata["posterior"][var_name]
+    *leading, last = coords
+    sd = da.isel({d: coords[d][0] for d in leading}).std(("chain", "draw")).values   # (K,)
+    chosen = np.sort(np.argsort(sd, kind="stable")[:max_dims])
+    return {**{d: coords[d] for d in leading}, last: list(da[last].values[chosen])}
 
 
 def plot_grouped_bars(

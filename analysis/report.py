@@ -7,9 +7,11 @@ analysis/notebooks/posterior_diagnostics.ipynb does).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
+import arviz as az
 import numpy as np
 import torch
 from bayesprompt.analysis.calibration import calibration_report
@@ -28,6 +30,9 @@ from bayesprompt.analysis.uncertainty import separation_auroc, uncertainty_decom
 
 from bayesprompt.files import make_folder, write_json
 from bayesprompt.metrics import aurc
+
+#: Pareto k above which ArviZ calls an image's importance-sampling LOO estimate unreliable.
+PARETO_K_LIMIT = 0.7
 
 #: Credible level of the template-coverage region, and its PCA dimension.
 CREDIBLE_LEVEL = 0.9
@@ -84,6 +89,24 @@ def coverage_metrics(samples: SplitSamples, templates: np.ndarray,
         "nearest_template_distance": float(distances.min(axis=1).mean()),
         "template_fraction_in_credible_region": fraction,
     }
+
+
+def loo_metrics(idata: Any, split: str) -> dict[str, Any]:
+    """PSIS-LOO of a split (``az.loo``): elpd_loo, p_loo and the images whose Pareto k exceeds
+    0.7; a warning says when LOO is unreliable (docs/ANALYSIS.md: how many draws it needs)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ArviZ's own warning about k; ours says what to do
+        loo = az.loo(idata, pointwise=True)
+    k = np.asarray(loo.pareto_k).reshape(-1)
+    unreliable = int((k > PARETO_K_LIMIT).sum())
+    if unreliable:
+        warnings.warn(
+            f"LOO on '{split}' is unreliable: {unreliable} of {k.size} images have Pareto k > "
+            f"{PARETO_K_LIMIT} with {idata.posterior.sizes['draw']} draws. Draw more "
+            "(--num-samples; docs/ANALYSIS.md, 'Comparing runs: loo') before comparing runs "
+            "by elpd_loo.", stacklevel=2)
+    return {"elpd_loo": float(loo.elpd_loo), "p_loo": float(loo.p_loo),
+            "pareto_k_max": float(k.max()), "pareto_k_above_0.7": unreliable}
 
 
 def pooled_uncertainty(posterior: RunPosterior) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -171,6 +194,8 @@ def write_analysis(posterior: RunPosterior, out: Path | None = None) -> dict[str
         metrics["splits"][name] = split_metrics(s, posterior.deterministic)
         metrics["splits"][name]["coverage"] = coverage_metrics(
             s, templates.get(name), posterior.deterministic)
+        if not posterior.deterministic and posterior.num_samples >= 2 and s.latents:
+            metrics["splits"][name]["loo"] = loo_metrics(idata[name], name)
     files += write_plots(posterior, idata, templates, out)
     metrics["files"] = files + ["metrics.json"]
     write_json(out / "metrics.json", metrics)

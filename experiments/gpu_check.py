@@ -56,7 +56,6 @@ from bayesprompt.data.fixtures import TINY_BACKBONE, write_eurosat
 from bayesprompt.errors import UserError
 from bayesprompt.files import write_json, write_text
 from bayesprompt.inference.objectives import make_objective
-from bayesprompt.inference.svi import TrainConfig
 from bayesprompt.program.base import PromptConfig
 from bayesprompt.runs.model_files import load_model_class
 
@@ -106,7 +105,7 @@ def loss_and_gradients(setting: Setting, device: str, precision: str
     features = torch.nn.functional.normalize(
         torch.randn(2, clip.feature_dim, generator=torch.Generator().manual_seed(2)), dim=-1)
     labels = torch.tensor([0, 3])
-    objective = make_objective(program, TrainConfig(num_particles=4, objective="paper"))
+    objective = make_objective(program, "paper", 4)
     with cpu_noise(3):
         loss = objective(features.to(clip.device), labels.to(clip.device), 80)
         loss.backward()

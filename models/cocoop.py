@@ -9,7 +9,6 @@ guide: ctx = ctx_map (Delta); the meta-net is a likelihood parameter (`pyro.modu
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import nn
 
 from bayesprompt.program.base import PromptModel
@@ -30,13 +29,14 @@ class CoCoOp(PromptModel):
     def model(self, image_features, labels=None, dataset_size=None):
         meta_net = pyro.module("meta_net", self.meta_net, update_module_params=True)
         prior = isotropic_normal(torch.zeros_like(self.init_ctx), self.config.prior_scale, 2)
-        with poutine.scale(scale=self.config.kl_weight):
-            ctx = pyro.sample("ctx", prior)                               # (n_ctx, W)
+        ctx = pyro.sample("ctx", prior)                               # (n_ctx, W)
         shift = meta_net(image_features).unsqueeze(-2)                    # (B, 1, W)
         text = self.text_features(ctx + shift)                           # (..., B, C, D)
         logits = self.class_logits(image_features, text)                 # (..., B, C)
         with self.images(image_features, dataset_size):
-            pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
+            y = dist.Categorical(logits=logits)
+            pyro.deterministic("probs", y.probs, event_dim=1)   # (..., B, C)
+            pyro.sample("y", y, obs=labels)
 
     def guide(self, image_features, labels=None, dataset_size=None):
         point_context(self)                                              # ctx ~ Delta(ctx_map)

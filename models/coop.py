@@ -8,7 +8,6 @@ guide: ctx = ctx_map, a point (Delta), initialised from the words of `ctx_init`.
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 
 from bayesprompt.program.base import PromptModel
 from bayesprompt.program.guides import point_context
@@ -21,11 +20,12 @@ class CoOp(PromptModel):
 
     def model(self, image_features, labels=None, dataset_size=None):
         prior = isotropic_normal(torch.zeros_like(self.init_ctx), self.config.prior_scale, 2)
-        with poutine.scale(scale=self.config.kl_weight):
-            ctx = pyro.sample("ctx", prior)                               # (n_ctx, W)
+        ctx = pyro.sample("ctx", prior)                               # (n_ctx, W)
         logits = self.class_logits(image_features, self.text_features(ctx))  # (B, C)
         with self.images(image_features, dataset_size):
-            pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
+            y = dist.Categorical(logits=logits)
+            pyro.deterministic("probs", y.probs, event_dim=1)   # (..., B, C)
+            pyro.sample("y", y, obs=labels)
 
     def guide(self, image_features, labels=None, dataset_size=None):
         point_context(self)                                              # ctx ~ Delta(ctx_map)

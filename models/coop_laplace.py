@@ -25,7 +25,6 @@ linearising it. Train and predict options are CoOp's (the world's defaults).
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch.distributions.transforms import ReshapeTransform
 
 from bayesprompt.errors import UserError
@@ -60,11 +59,12 @@ class CoOpLaplace(PromptModel):
 
     def model(self, image_features, labels=None, dataset_size=None):
         prior = isotropic_normal(torch.zeros_like(self.init_ctx), self.config.prior_scale, 2)
-        with poutine.scale(scale=self.config.kl_weight):
-            ctx = pyro.sample("ctx", prior)                               # (n_ctx, W)
+        ctx = pyro.sample("ctx", prior)                               # (n_ctx, W)
         logits = self.class_logits(image_features, self.text_features(ctx))  # (B, C)
         with self.images(image_features, dataset_size):
-            pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
+            y = dist.Categorical(logits=logits)
+            pyro.deterministic("probs", y.probs, event_dim=1)   # (..., B, C)
+            pyro.sample("y", y, obs=labels)
 
     def guide(self, image_features, labels=None, dataset_size=None):
         ctx_map = pyro.param("ctx_map", self.init_ctx.clone())            # (n_ctx, W)
@@ -75,8 +75,7 @@ class CoOpLaplace(PromptModel):
             flat = dist.MultivariateNormal(ctx_map.reshape(-1), scale_tril=scale_tril)
             posterior = dist.TransformedDistribution(
                 flat, ReshapeTransform((size,), tuple(ctx_map.shape)))
-        with poutine.scale(scale=self.config.kl_weight):
-            pyro.sample("ctx", posterior)
+        pyro.sample("ctx", posterior)
 
     def after_training(self, features, labels):
         ctx_map = pyro.param("ctx_map").detach()                          # (n_ctx, W)

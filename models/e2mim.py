@@ -17,7 +17,6 @@ paper's: bayesprompt.dual_view.E2MIMOptions and docs/E2MIM.md.
 
 import pyro
 import torch
-from pyro import poutine
 
 from bayesprompt.dual_view import DualViewModel, with_mixed_features
 from bayesprompt.program.guides import point_context
@@ -30,8 +29,7 @@ class E2MIM(DualViewModel):
 
     def model(self, image_features, labels=None, dataset_size=None):
         prior = isotropic_normal(torch.zeros_like(self.init_ctx), self.config.prior_scale, 2)
-        with poutine.scale(scale=self.config.kl_weight):
-            ctx = pyro.sample("ctx", prior)                               # (n_ctx, W)
+        ctx = pyro.sample("ctx", prior)                               # (n_ctx, W)
         mix = self.mix(image_features, labels)                            # M mixes, or None
         features = with_mixed_features(image_features, mix)               # (B + M, D)
         logits = self.class_logits(features, self.text_features(ctx))     # (B + M, C)

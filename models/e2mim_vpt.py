@@ -12,7 +12,6 @@ and docs/E2MIM.md.
 """
 
 import pyro
-from pyro import poutine
 
 from bayesprompt.dual_view import DualViewModel, with_mixed, with_mixed_features
 from bayesprompt.program.guides import AmortizedGaussian, amortized_residual
@@ -31,8 +30,7 @@ class E2MIMVPT(DualViewModel):
         mix = self.mix(image_features, labels)                          # M mixes, or None
         features = with_mixed_features(image_features, mix)             # (B + M, D)
         with self.images(image_features, dataset_size):
-            with poutine.scale(scale=self.config.kl_weight):
-                r = pyro.sample("r", standard_normal((self.ctx_dim,), ctx.device))  # (..., B, W)
+            r = pyro.sample("r", standard_normal((self.ctx_dim,), ctx.device))  # (..., B, W)
             text = self.text_features(ctx + self.residual(with_mixed(r, mix)))  # (..., B+M, C, D)
             logits = self.class_logits(features, text)                  # (..., B + M, C)
             self.observe(features, labels, logits, mix)

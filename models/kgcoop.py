@@ -18,7 +18,6 @@ batch 128 (ViT-B/16, lr 0.002, n_ctx 4 "a photo of a"); the world keeps its own 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 
 from bayesprompt.options import numeric_options
 from bayesprompt.program import PromptModel
@@ -46,20 +45,20 @@ class KgCoOp(PromptModel):
 
     def model(self, image_features, labels=None, dataset_size=None):
         prior = isotropic_normal(torch.zeros_like(self.init_ctx), self.config.prior_scale, 2)
-        with poutine.scale(scale=self.config.kl_weight):
-            ctx = pyro.sample("ctx", prior)                               # (n_ctx, W)
+        ctx = pyro.sample("ctx", prior)                               # (n_ctx, W)
         text = self.text_features(ctx)                                   # (..., C, D)
         logits = self.class_logits(image_features, text)                  # (..., B, C)
         with self.images(image_features, dataset_size):
-            pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
+            y = dist.Categorical(logits=logits)
+            pyro.deterministic("probs", y.probs, event_dim=1)   # (..., B, C)
+            pyro.sample("y", y, obs=labels)
             if labels is not None:
                 kg = self.options["kg_weight"] * self.penalty(text)     # per sample of ctx
                 pyro.factor("kg", -kg.expand(logits.shape[:-1]))        # (..., B)
 
     def guide(self, image_features, labels=None, dataset_size=None):
         ctx_map = pyro.param("ctx_map", self.init_ctx.clone())
-        with poutine.scale(scale=self.config.kl_weight):
-            pyro.sample("ctx", dist.Delta(ctx_map, event_dim=2))
+        pyro.sample("ctx", dist.Delta(ctx_map, event_dim=2))
 
 
 Model = KgCoOp

@@ -25,7 +25,6 @@ prompts, which is not here. Optimiser and epochs are the world's defaults.
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 
 from bayesprompt.options import numeric_options
 from bayesprompt.program import PromptModel
@@ -54,8 +53,7 @@ class ProDA(PromptModel):
     def model(self, image_features, labels=None, dataset_size=None):
         n_prompts = self.options["n_prompts"]
         loc = torch.zeros(n_prompts, *self.init_ctx.shape, device=self.init_ctx.device)
-        with poutine.scale(scale=self.config.kl_weight):
-            ctx = pyro.sample("ctx", isotropic_normal(loc, self.config.prior_scale, 3))
+        ctx = pyro.sample("ctx", isotropic_normal(loc, self.config.prior_scale, 3))
         text = self.text_features(ctx)                                   # (..., K, C, D)
         per_prompt = self.clip.logit_scale * torch.einsum("...kcd,bd->...kbc", text,
                                                           image_features)
@@ -63,18 +61,21 @@ class ProDA(PromptModel):
         per_prompt = per_prompt.reshape(-1, n_prompts, batch, classes)   # (particles, K, B, C)
         with self.images(image_features, dataset_size):
             if labels is None:
-                pyro.sample("y", dist.Categorical(logits=per_prompt.mean(-3)))
+                y = dist.Categorical(logits=per_prompt.mean(-3))
+                pyro.deterministic("probs", y.probs, event_dim=1)   # (..., B, C)
+                pyro.sample("y", y)
                 return
             z, variance = surrogate_terms(per_prompt, labels)
-            pyro.sample("y", dist.Categorical(logits=z), obs=labels)
+            y = dist.Categorical(logits=z)
+            pyro.deterministic("probs", y.probs, event_dim=1)   # (..., B, C)
+            pyro.sample("y", y, obs=labels)
             pyro.factor("variance", -variance)
 
     def guide(self, image_features, labels=None, dataset_size=None):
         n_prompts = self.options["n_prompts"]
         ctx_map = pyro.param("ctx_map", lambda: self.init_ctx + 0.02 * torch.randn(
             n_prompts, *self.init_ctx.shape, device=self.init_ctx.device))
-        with poutine.scale(scale=self.config.kl_weight):
-            pyro.sample("ctx", dist.Delta(ctx_map, event_dim=3))
+        pyro.sample("ctx", dist.Delta(ctx_map, event_dim=3))
 
 
 Model = ProDA

@@ -11,7 +11,6 @@ guide  : r ~ N(r_loc, exp(r_log_var)), r_loc = 0 and r_log_var ~ U(0, 1) at star
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 
 from bayesprompt.program.base import PromptModel
 from bayesprompt.program.guides import diagonal_normal
@@ -23,19 +22,19 @@ class VPT(PromptModel):
 
     def model(self, image_features, labels=None, dataset_size=None):
         ctx = pyro.param("ctx", self.init_ctx.clone())                  # (n_ctx, W)
-        with poutine.scale(scale=self.config.kl_weight):
-            r = pyro.sample("r", standard_normal((self.ctx_dim,), ctx.device))  # (..., W)
+        r = pyro.sample("r", standard_normal((self.ctx_dim,), ctx.device))  # (..., W)
         text = self.text_features(ctx + self.residual(r))               # (..., C, D)
         logits = self.class_logits(image_features, text)                 # (..., B, C)
         with self.images(image_features, dataset_size):
-            pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
+            y = dist.Categorical(logits=logits)
+            pyro.deterministic("probs", y.probs, event_dim=1)   # (..., B, C)
+            pyro.sample("y", y, obs=labels)
 
     def guide(self, image_features, labels=None, dataset_size=None):
         device = self.init_ctx.device
         r_loc = pyro.param("r_loc", torch.zeros(self.ctx_dim, device=device))
         r_log_var = pyro.param("r_log_var", torch.rand(self.ctx_dim, device=device))
-        with poutine.scale(scale=self.config.kl_weight):
-            pyro.sample("r", diagonal_normal(r_loc, r_log_var, 1))
+        pyro.sample("r", diagonal_normal(r_loc, r_log_var, 1))
 
 
 Model = VPT

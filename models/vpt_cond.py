@@ -10,7 +10,6 @@ guide  : r_i ~ N(mean(f_i), exp(log_var(f_i))), each head Linear(D, D/2), ELU,
 
 import pyro
 import pyro.distributions as dist
-from pyro import poutine
 
 from bayesprompt.program.base import PromptModel
 from bayesprompt.program.guides import AmortizedGaussian, amortized_residual
@@ -27,11 +26,12 @@ class ConditionalVPT(PromptModel):
     def model(self, image_features, labels=None, dataset_size=None):
         ctx = pyro.param("ctx", self.init_ctx.clone())                  # (n_ctx, W)
         with self.images(image_features, dataset_size):
-            with poutine.scale(scale=self.config.kl_weight):
-                r = pyro.sample("r", standard_normal((self.ctx_dim,), ctx.device))  # (..., B, W)
+            r = pyro.sample("r", standard_normal((self.ctx_dim,), ctx.device))  # (..., B, W)
             text = self.text_features(ctx + self.residual(r))           # (..., B, C, D)
             logits = self.class_logits(image_features, text)             # (..., B, C)
-            pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
+            y = dist.Categorical(logits=logits)
+            pyro.deterministic("probs", y.probs, event_dim=1)   # (..., B, C)
+            pyro.sample("y", y, obs=labels)
 
     def guide(self, image_features, labels=None, dataset_size=None):
         amortized_residual(self, image_features, dataset_size)           # r_i ~ N(net(f_i))

@@ -22,7 +22,9 @@ class ZeroShot(PromptModel):
     def model(self, image_features, labels=None, dataset_size=None):
         logits = self.class_logits(image_features, self.template_features)  # (B, C)
         with self.images(image_features, dataset_size):
-            pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
+            y = dist.Categorical(logits=logits)
+            pyro.deterministic("probs", y.probs, event_dim=1)   # (..., B, C)
+            pyro.sample("y", y, obs=labels)
 
     def guide(self, image_features, labels=None, dataset_size=None):
         pass

@@ -182,10 +182,14 @@ class DualViewModel(PromptModel):
             handcrafted = self.class_logits(features, self.handcrafted_text)   # (B + M, C)
         fused = self.fused_log_probs(logits, handcrafted)                        # (..., B + M, C)
         if labels is None:
-            pyro.sample("y", dist.Categorical(probs=fused[..., :b, :].exp()))
+            y = dist.Categorical(probs=fused[..., :b, :].exp())
+            pyro.deterministic("probs", y.probs, event_dim=1)                 # (..., B, C)
+            pyro.sample("y", y)
             return
         train = fused if options.fused_training else logits.log_softmax(-1)
-        pyro.sample("y", dist.Categorical(logits=train[..., :b, :]), obs=labels)
+        y = dist.Categorical(logits=train[..., :b, :])
+        pyro.deterministic("probs", y.probs, event_dim=1)                     # (..., B, C)
+        pyro.sample("y", y, obs=labels)
         if mix is not None:
             nll = mixup_nll(train[..., b:, :], mix.targets, options.mixup_label)  # (..., M)
             pyro.factor("mixup", -options.mixup_weight * mix.per_image(nll, b).expand(batch))

@@ -70,9 +70,16 @@ def load_checkpoint(path: Path, identity: dict, device: torch.device | str = "cp
             f"{sorted(current['params'])}: it was written by another version of the model "
             "file. Use a new --out folder, or the model file it was trained with."
         )
-    params = {name: value.detach().to(device).requires_grad_(True)
-              for name, value in saved.items()}
-    store.set_state({"params": params, "constraints": current["constraints"]})
+    wrong = [f"{name}: checkpoint {tuple(value.shape)}, model "
+             f"{tuple(current['params'][name].shape)}" for name, value in saved.items()
+             if value.shape != current["params"][name].shape]
+    if wrong:
+        raise UserError(f"The checkpoint {path} holds parameters of other shapes "
+                        f"({'; '.join(wrong)}): it was written by another version of the model "
+                        "file. Use a new --out folder, or the model file it was trained with.")
+    with torch.no_grad():  # into the existing tensors: optimisers and autoguides hold them
+        for name, value in saved.items():
+            current["params"][name].copy_(value.to(device))
     return state
 
 

@@ -1,8 +1,8 @@
 """Per-image training objectives, each with the split of its loss (NLL, KL, factor terms).
 
-`make_objective` builds the negative ELBO (`Trace_ELBO`, vectorized particles) or the reference
-implementation's loss; an `Objective` keeps what its last loss is made of (`ObjectiveTerms`),
-read from the traces that computed it, for the training log.
+`make_objective` builds the negative ELBO (any Pyro ELBO, `inference.elbos`; vectorized
+particles) or the reference implementation's loss; an `Objective` keeps what its last loss is
+made of (`ObjectiveTerms`), read from the traces that computed it, for the training log.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
 from torch.distributions import kl_divergence
 
 from bayesprompt.errors import UserError
+from bayesprompt.inference import elbos
 from bayesprompt.program.base import PromptModel
 
 #: Weight of the KL term of the reference implementation's objective.
@@ -88,16 +88,21 @@ def factor_means(model_trace: poutine.Trace) -> dict[str, torch.Tensor]:
 def posterior_scales(program: PromptModel, guide_trace: poutine.Trace
                      ) -> dict[str, torch.Tensor]:
     """site -> (3,) mean, min, max of the guide distribution's standard deviation, for every
-    latent site whose guide is not a point (Delta) and has one."""
+    latent site whose guide is not a point (Delta) and has one; an autoguide's joint posterior
+    gives its sites' scales (`elbos.joint_posterior_scales`)."""
     scales = {}
+    joint = elbos.joint_posterior_scales(program, guide_trace)
     for name in program.latent_sites:
-        posterior = guide_trace.nodes[name]["fn"]
-        if isinstance(posterior, pyro.distributions.Delta):
+        posterior = elbos.site_posterior(guide_trace, name)
+        if name in joint:
+            scale = joint[name]
+        elif posterior is None:
             continue
-        try:
-            scale = posterior.stddev.detach()
-        except NotImplementedError:
-            continue
+        else:
+            try:
+                scale = posterior.stddev.detach()
+            except NotImplementedError:
+                continue
         scales[name] = torch.stack([scale.mean(), scale.min(), scale.max()])
     return scales
 
@@ -109,18 +114,6 @@ def particle_traces(program: PromptModel, num_particles: int, *args
     guide_trace = poutine.trace(particles(program.guide)).get_trace(*args)
     model = poutine.replay(particles(program.model), trace=guide_trace)
     return guide_trace, poutine.trace(model).get_trace(*args)
-
-
-class _TraceKeepingELBO(Trace_ELBO):
-    """Trace_ELBO that keeps the (model, guide) traces of its last estimate (one pair with
-    vectorized particles), with the log-probabilities it computed on them."""
-
-    traces: tuple[poutine.Trace, poutine.Trace] | None = None
-
-    def _get_traces(self, model, guide, args, kwargs):
-        for traces in super()._get_traces(model, guide, args, kwargs):
-            self.traces = traces
-            yield traces
 
 
 def elbo_terms(program: PromptModel, model_trace: poutine.Trace, guide_trace: poutine.Trace,
@@ -135,8 +128,10 @@ def elbo_terms(program: PromptModel, model_trace: poutine.Trace, guide_trace: po
         term = -site["log_prob_sum"].detach() / normaliser
         if name == "y":
             nll = nll + term
-        elif site["is_observed"]:
+        elif is_factor_site(name, site):
             factors[name] = term
+        elif site["is_observed"]:  # a pyro.deterministic site
+            continue
         else:
             kl = kl + term
     for site in guide_trace.nodes.values():
@@ -146,27 +141,39 @@ def elbo_terms(program: PromptModel, model_trace: poutine.Trace, guide_trace: po
     latent = {}
     for name in scales:
         guide_site, prior = guide_trace.nodes[name], model_trace.nodes[name]
+        if isinstance(guide_site["fn"], pyro.distributions.Delta):  # an autoguide's joint
+            continue                                                  # posterior: no site KL
         site_kl = (guide_site["log_prob_sum"] - prior["log_prob_sum"]).detach() / normaliser
         ratio = guide_site["fn"].stddev.detach() / prior["fn"].stddev.detach()
         latent[name] = torch.stack([site_kl, ratio.mean()])
     return ObjectiveTerms(nll, kl, factors, factor_means(model_trace), scales, latent)
 
 
-def elbo_objective(program: PromptModel, num_particles: int) -> Objective:
-    """Negative ELBO per training image, by `Trace_ELBO` with vectorized particles.
+def elbo_objective(program: PromptModel, num_particles: int, elbo: str = "Trace_ELBO"
+                   ) -> Objective:
+    """Negative ELBO per training image, by the Pyro ELBO `elbo` with vectorized particles
+    (`bayesprompt.inference.elbos`).
 
-    The KL weight enters through `poutine.scale` on the latent sites of the model file.
+    The KL weight scales the latent sites of model and guide (`elbos.scale_latents`). One
+    estimator per batch size: a JIT ELBO compiles for the shapes of its first call.
     """
-    elbo = _TraceKeepingELBO(num_particles=num_particles, vectorize_particles=True,
-                             max_plate_nesting=1)
+    estimators: dict[int, pyro.infer.ELBO] = {}
+    model = elbos.scale_latents(program.model, program.config.kl_weight)
+    guide = elbos.scale_latents(program.guide, program.config.kl_weight)
 
     def evaluate(features: torch.Tensor, labels: torch.Tensor, dataset_size: int
                  ) -> tuple[torch.Tensor, ObjectiveTerms]:
-        loss = elbo.differentiable_loss(program.model, program.guide, features, labels,
-                                        dataset_size) / dataset_size
-        model_trace, guide_trace = elbo.traces
-        return loss, elbo_terms(program, model_trace, guide_trace, num_particles * dataset_size,
-                                features.device)
+        estimator = estimators.get(len(features))
+        if estimator is None:
+            estimator = estimators[len(features)] = elbos.make_elbo(elbo, num_particles)
+        loss = elbos.elbo_loss(estimator, model, guide, features, labels,
+                               dataset_size=dataset_size) / dataset_size
+        model_trace, guide_trace = estimator.traces
+        terms = elbo_terms(program, model_trace, guide_trace, num_particles * dataset_size,
+                           features.device)
+        terms.nll, terms.kl = elbos.split_terms(elbo, model_trace, loss, terms.nll, terms.kl,
+                                                terms.factors)
+        return loss, terms
 
     return Objective(evaluate)
 
@@ -189,10 +196,10 @@ def paper_objective(program: PromptModel, num_particles: int) -> Objective:
         nll = -(torch.logsumexp(log_lik, dim=0) - math.log(num_particles)).mean()
         kl = torch.zeros((), device=features.device)
         for name in program.latent_sites:
-            posterior = guide_trace.nodes[name]["fn"]
-            if isinstance(posterior, pyro.distributions.Delta):
-                continue
             prior = model_trace.nodes[name]["fn"]
+            posterior = elbos.site_posterior(guide_trace, name, prior)
+            if posterior is None:
+                continue
             kl = kl + (kl_divergence(posterior, prior) / posterior.event_shape.numel()).mean()
         factors = {name: -site["fn"].log_prob(site["value"]).mean()
                    for name, site in model_trace.nodes.items() if is_factor_site(name, site)}
@@ -206,11 +213,14 @@ def paper_objective(program: PromptModel, num_particles: int) -> Objective:
     return Objective(evaluate)
 
 
-def make_objective(program: PromptModel, objective: str, num_particles: int) -> Objective:
-    """The objective named `objective` ("elbo" or "paper") with `num_particles` samples (one for
-    point-estimate programs, whose particles would all be the same)."""
+def make_objective(program: PromptModel, objective: str, num_particles: int,
+                   elbo: str = "Trace_ELBO") -> Objective:
+    """The objective named `objective` ("elbo", estimated by the Pyro ELBO `elbo`, or "paper")
+    with `num_particles` samples (one for point-estimate programs, whose particles would all be
+    the same)."""
     if objective not in OBJECTIVES:
         raise UserError(f"Unknown objective '{objective}'; choose one of {OBJECTIVES}.")
     particles = num_particles if program.stochastic else 1
-    build = elbo_objective if objective == "elbo" else paper_objective
-    return build(program, particles)
+    if objective == "elbo":
+        return elbo_objective(program, particles, elbo)
+    return paper_objective(program, particles)

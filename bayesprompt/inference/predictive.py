@@ -17,6 +17,7 @@ from pyro import poutine
 from pyro.infer import Predictive
 from tqdm.auto import tqdm
 
+from bayesprompt.inference import elbos
 from bayesprompt.program.base import PromptModel
 
 
@@ -80,9 +81,13 @@ def posterior_draws(program: PromptModel, features: torch.Tensor, num_samples: i
     S global draws. Memory: S x N x event size for per-image sites.
     """
     draws = num_samples if program.stochastic else 1
-    with seeded(seed):
-        per_image = per_image_sites(program, features)
+    elbos.check_evaluable(program, features)
+    with seeded(seed):  # the guide first: `Predictive(model, guide=guide)` draws the same
         latents = guide_samples(program, features, draws)
+        per_image = per_image_sites(program, features)
+    # the guide's data plate (`PromptModel.mark_images_plate`) puts a size-1 dim before global
+    # latents: (S, 1, *event) -> (S, *event)
+    latents = {k: v if k in per_image else v.squeeze(1) for k, v in latents.items()}
     if shared is not None:
         for site in latents:
             if site not in per_image:

@@ -1,11 +1,11 @@
 """The SVI loop: per-image objective, the reference's optimiser and schedule, checkpoints.
 
 Training minimises a per-image objective (`objectives.py`) with a PyTorch SGD optimiser over
-Pyro's param store (Pyro's custom-objective pattern: `Trace_ELBO.differentiable_loss` +
-`loss.backward()`), so the optimiser and its schedule are exactly the reference's and
-checkpoint/resume is plain torch. The frozen CLIP is never registered in the param store; only
-guide/prompt parameters are. `train` reads as its outline: create the parameters, restore,
-then per epoch `svi_step` for every batch and `end_of_epoch`.
+Pyro's param store (Pyro's custom-objective pattern: an ELBO's `differentiable_loss` +
+`loss.backward()`; any Pyro ELBO, `inference.elbos`), so the optimiser and its schedule are
+exactly the reference's and checkpoint/resume is plain torch. The frozen CLIP is never
+registered in the param store; only guide/prompt parameters are. `train` reads as its outline:
+create the parameters, restore, then per epoch `svi_step` for every batch and `end_of_epoch`.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class TrainConfig:
     #: (inference/variational.py); "sgd": the reference SGD like every other parameter.
     guide_optimizer: str = "sgd"
     guide_lr: float = 0.01
+    elbo: str = "Trace_ELBO"
 
 
 @dataclass
@@ -179,22 +180,26 @@ class Progress:
     stepped: bool = False
 
 
-def create_parameters(objective: Objective, features: torch.Tensor, labels: torch.Tensor,
-                      config: TrainConfig) -> list[torch.Tensor]:
-    """Call the objective once on a whole first batch, so that every parameter exists (those
-    of batch-wise terms too); the parameters it created."""
+def create_parameters(program: PromptModel, objective: Objective, features: torch.Tensor,
+                      labels: torch.Tensor, config: TrainConfig) -> list[torch.Tensor]:
+    """Call the objective once on a whole first batch (its dataset indices as the data plate's
+    subsample), so that every parameter exists (those of batch-wise terms too); the parameters
+    it created."""
     first = slice(0, config.batch_size)
-    objective(features[0, first], labels[first], features.shape[1])
+    with program.batch_indices(torch.arange(features.shape[1], device=features.device)[first]):
+        objective(features[0, first], labels[first], features.shape[1])
     return [p for _, p in pyro.get_param_store().named_parameters()]
 
 
-def restore(checkpoint: Path | None, identity: dict, resume: bool, device: torch.device
-            ) -> tuple[Progress, dict | None]:
+def restore(program: PromptModel, checkpoint: Path | None, identity: dict, resume: bool,
+            device: torch.device) -> tuple[Progress, dict | None]:
     """Where to start: from scratch, or (`resume` and a checkpoint exists) the checkpoint's
-    epoch, whose parameters are put into the store. Also returns the checkpoint's state."""
+    epoch, whose parameters are copied into the store's (and an autoguide's buffers into its
+    own). Also returns the checkpoint's state."""
     if not (resume and checkpoint is not None and checkpoint.exists()):
         return Progress(TrainHistory()), None
     state = load_checkpoint(checkpoint, identity, device)
+    program.load_guide_buffers(state.get("guide_buffers", {}))
     return Progress(TrainHistory(**state["history"]), state["epoch"], state["reference_loss"],
                     stepped=state["epoch"] > 0), state
 
@@ -203,7 +208,8 @@ def svi_step(objective: Objective, optimizers: Optimizers, parameters: list[torc
              batch: torch.Tensor, labels: torch.Tensor, dataset_size: int, share: float,
              where: tuple[int, int], progress: Progress, checkpoint: Path | None,
              lr: float) -> tuple[torch.Tensor, float]:
-    """One gradient step on a batch (B, D) of a dataset of `dataset_size`: this rank's batch
+    """One gradient step on a batch (B, D) of a dataset of `dataset_size` (run it inside the
+    program's `batch_indices` of the batch, as `train` does): this rank's batch
     loss before the step, and the loss summed over ranks (a float). Raises `Diverged` where
     that loss stops being finite or explodes, so every rank stops at the same step."""
     epoch, step = where
@@ -269,7 +275,10 @@ def end_of_epoch(program: PromptModel, epoch: int, totals: EpochTotals, features
         save_checkpoint(checkpoint, {
             "epoch": epoch + 1, "history": asdict(history), "identity": identity,
             "train_config": asdict(config), **optimizers.state(),
-            "reference_loss": progress.reference}, features.device)
+            "reference_loss": progress.reference,
+            "guide_buffers": {name: value.cpu()
+                              for name, value in program.guide_buffers().items()}},
+            features.device)
 
 
 @in_param_scope
@@ -295,14 +304,15 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
     views, dataset_size, _ = features.shape
     identity = identity or {}
     pyro.clear_param_store()  # the program's store, inside its param_scope
+    program.reset_autoguide()
     torch.manual_seed(config.seed)
-    objective = make_objective(program, config.objective, config.num_particles)
-    parameters = create_parameters(objective, features, labels, config)
+    objective = make_objective(program, config.objective, config.num_particles, config.elbo)
+    parameters = create_parameters(program, objective, features, labels, config)
     names = set(pyro.get_param_store().keys())
     if not parameters or config.epochs == 0:
         return TrainHistory()
     distributed.broadcast_parameters(parameters)
-    progress, state = restore(checkpoint, identity, resume, features.device)
+    progress, state = restore(program, checkpoint, identity, resume, features.device)
     named = dict(pyro.get_param_store().named_parameters())
     parameters = list(named.values())
     first = slice(0, config.batch_size)
@@ -330,10 +340,11 @@ def train(program: PromptModel, features: torch.Tensor, labels: torch.Tensor,
             for step in range(steps):
                 index = permutation[step * config.batch_size:(step + 1) * config.batch_size]
                 local, share = distributed.shard(index)
-                batch_loss, value = svi_step(
-                    objective, optimizers, parameters, features[view_of_image[local], local],
-                    labels[local], dataset_size, share, (epoch, step), progress, checkpoint,
-                    config.lr)
+                with program.batch_indices(local.to(features.device)):
+                    batch_loss, value = svi_step(
+                        objective, optimizers, parameters, features[view_of_image[local], local],
+                        labels[local], dataset_size, share, (epoch, step), progress, checkpoint,
+                        config.lr)
                 check_no_new_parameters(names, config.batch_size)
                 totals.add(value, len(index), objective.terms.factor_means, len(local))
                 if log is not None:

@@ -11,7 +11,8 @@ the epoch (epoch rows), each step weighted by its images:
     loss              the objective minimised, per image; = nll + kl + sum(factors)
     nll               expected negative log-likelihood of the labels (the `y` site)
     kl                the latent sites' term as it enters the loss (ELBO: E_q[log q - log p],
-                      -log prior for a point estimate; --objective paper: 0.001 * KL)
+                      -log prior for a point estimate; --objective paper: 0.001 * KL; other
+                      --elbo choices: `elbos.split_terms`, NaN where there is no split)
     factors           {name: term} of each `pyro.factor` of the model, as it enters the loss
                       (0 in steps where the model did not add it)
     lr                the learning rate of the reference SGD (None if it holds no parameter)

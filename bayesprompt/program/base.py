@@ -5,6 +5,12 @@ A model file subclasses `PromptModel` and writes `model` (prior + likelihood) an
 `(image_features (B, D), labels (B,) | None, dataset_size: int | None)`.
 Sample-site names are part of the API: `y` is the label; latent sites are listed in
 `latent_sites` so that objectives and analysis can find them.
+The guide may also be any `pyro.infer.autoguide` guide: set in `__init__`
+(`self.guide = AutoNormal(self.model)`) or named as a class attribute (`guide = AutoNormal`);
+an autoguide without `create_plates` gets `self.plates`, the data plate with the batch's
+dataset indices (`batch_indices`), so per-image latents get one row per training image.
+The objective applies `--kl-weight` to the latent sites of model and guide
+(`bayesprompt.inference.elbos`); a model file does not scale them itself.
 
 Each program keeps its Pyro parameters in a param store of its own: `model` and `guide` (and
 whatever runs inside `param_scope()`) see Pyro's global store holding this program's parameters
@@ -19,8 +25,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.infer.autoguide import AutoGuide
 from torch import nn
 
 from bayesprompt.clip.model import FrozenCLIP
@@ -66,8 +74,17 @@ class PromptModel(nn.Module):
     #: Parameters with their own optimiser; all others get the reference SGD schedule.
     optimizer_groups: tuple[OptimizerGroup, ...] = ()
 
+    #: An autoguide class named by the model file (`guide = AutoNormal`), built in `__init__`.
+    autoguide_class: type[AutoGuide] | None = None
+
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
+        named = vars(cls).get("guide")
+        if isinstance(named, type) and issubclass(named, AutoGuide):
+            cls.autoguide_class = named
+            delattr(cls, "guide")  # PromptModel.guide runs the autoguide built in __init__
+        if "guide" in vars(cls):
+            cls.guide = marks_images_plate(vars(cls)["guide"])
         for name in ("model", "guide"):
             if name in vars(cls):
                 setattr(cls, name, in_param_scope(vars(cls)[name]))
@@ -81,6 +98,20 @@ class PromptModel(nn.Module):
         self.set_classes(classnames)
         self._param_state: dict = {"params": {}, "constraints": {}}
         self._in_param_scope = False
+        self._batch_indices: torch.Tensor | None = None
+        self._images_plate: pyro.plate | None = None  # the last `images` plate made
+        self._in_guide = False  # inside a guide method (`marks_images_plate`)
+        self.autoguide: AutoGuide | None = None
+        if self.autoguide_class is not None:
+            self.guide = self.autoguide_class(self.model)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """`self.guide = an autoguide` makes it the guide (stored as `self.autoguide`)."""
+        if name == "guide" and isinstance(value, AutoGuide):
+            if value.create_plates is None and value.master is None:
+                value.create_plates = self.plates
+            name = "autoguide"
+        super().__setattr__(name, value)
 
     @contextmanager
     def param_scope(self) -> Iterator[None]:
@@ -109,6 +140,13 @@ class PromptModel(nn.Module):
     def clear_parameters(self) -> None:
         """Forget the learned parameters: the next call of model or guide creates new ones."""
         self._param_state = {"params": {}, "constraints": {}}
+        self.reset_autoguide()
+
+    def reset_autoguide(self) -> None:
+        """Make an autoguide set itself up again (new parameters) at its next call: an
+        autoguide keeps its parameters in itself too, not only in the param store."""
+        if self.autoguide is not None:
+            self.autoguide.prototype_trace = None
 
     def initialize_parameters(self) -> None:
         """Create every `pyro.param` (by one call of guide and model on two blank images) if
@@ -121,15 +159,37 @@ class PromptModel(nn.Module):
             guide_trace = poutine.trace(self.guide).get_trace(features, labels, 2)
             poutine.replay(self.model, trace=guide_trace)(features, labels, 2)
 
+    def guide_buffers(self) -> dict[str, torch.Tensor]:
+        """An autoguide's buffers, "autoguide.<name>" (AutoIAFNormal's masks and permutation,
+        drawn at random when it sets up): saved and restored with the parameters."""
+        if self.autoguide is None:
+            return {}
+        return {f"autoguide.{name}": value for name, value in self.autoguide.named_buffers()}
+
+    def load_guide_buffers(self, saved: Mapping[str, torch.Tensor]) -> None:
+        """Copy saved `guide_buffers` into the autoguide's (set up: `initialize_parameters`)."""
+        current = self.guide_buffers()
+        if set(saved) != set(current):
+            raise UserError(f"The saved guide buffers {sorted(saved)} are not this model's "
+                            f"{sorted(current)}: they come from another model file.")
+        with torch.no_grad():
+            for name, value in saved.items():
+                current[name].copy_(value)
+
     def prompt_state(self) -> dict[str, torch.Tensor]:
-        """The learned parameters by name (detached copies), not the frozen CLIP: what saving a
-        trained program must keep. `load_prompt_state` restores them. (nn.Module's
-        `state_dict` is left as torch defines it: the module's buffers and submodules.)"""
-        return {name: value.detach().clone() for name, value in self.learned_parameters().items()}
+        """The learned parameters and an autoguide's buffers by name (detached copies), not the
+        frozen CLIP: what saving a trained program must keep. `load_prompt_state` restores
+        them. (nn.Module's `state_dict` is left as torch defines it: the module's buffers and
+        submodules.)"""
+        state = {**self.learned_parameters(), **self.guide_buffers()}
+        return {name: value.detach().clone() for name, value in state.items()}
 
     def load_prompt_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore parameters saved by `prompt_state` (same names and shapes), on this device."""
         self.initialize_parameters()
+        buffers = {k: v for k, v in state.items() if k in self.guide_buffers()}
+        self.load_guide_buffers(buffers)
+        state = {k: v for k, v in state.items() if k not in buffers}
         current = self._param_state["params"]
         if set(state) != set(current):
             raise UserError(
@@ -140,10 +200,9 @@ class PromptModel(nn.Module):
         if wrong:
             raise UserError(f"The saved parameters have other shapes ({'; '.join(wrong)}): "
                             "they come from another backbone or --n-ctx.")
-        device = self.init_ctx.device
-        params = {k: v.detach().to(device).requires_grad_(True) for k, v in state.items()}
-        self._param_state = {"params": params,
-                             "constraints": dict(self._param_state["constraints"])}
+        with torch.no_grad():  # into the existing tensors, which optimisers and guides hold
+            for name, value in state.items():
+                current[name].copy_(value)
 
     def check_options(self, options: dict) -> None:
         """Refuse `--set` options; a model file with options of its own overrides this."""
@@ -195,10 +254,33 @@ class PromptModel(nn.Module):
         return self.clip.logit_scale * similarity
 
     def images(self, image_features: torch.Tensor, dataset_size: int | None) -> pyro.plate:
-        """The data plate over the B images of a batch of a dataset of `dataset_size`."""
+        """The data plate over the B images of a batch of a dataset of `dataset_size`; its
+        subsample is the batch's dataset indices (B,) inside `batch_indices`, else 0..B-1."""
         batch_size = image_features.shape[0]
-        subsample = torch.arange(batch_size, device=image_features.device)
-        return pyro.plate("images", dataset_size or batch_size, subsample=subsample, dim=-1)
+        subsample = self._batch_indices
+        if subsample is None:
+            subsample = torch.arange(batch_size, device=image_features.device)
+        elif subsample.shape != (batch_size,):
+            raise ValueError(f"batch_indices holds {tuple(subsample.shape)} indices for a batch "
+                             f"of {batch_size} images")
+        self._images_plate = pyro.plate("images", dataset_size or batch_size,
+                                        subsample=subsample, dim=-1)
+        return self._images_plate
+
+    def plates(self, image_features: torch.Tensor, labels: torch.Tensor | None = None,
+               dataset_size: int | None = None) -> pyro.plate:
+        """`images` with the model's signature: an autoguide's `create_plates`."""
+        return self.images(image_features, dataset_size)
+
+    @contextmanager
+    def batch_indices(self, indices: torch.Tensor) -> Iterator[None]:
+        """Inside the block the data plate's subsample is `indices` (B,): the dataset indices
+        of the batch that model and guide are called on (training sets them)."""
+        previous, self._batch_indices = self._batch_indices, indices
+        try:
+            yield
+        finally:
+            self._batch_indices = previous
 
     def after_training(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """A post-hoc step on the training data, features (V views, N, D) and labels (N,), run
@@ -212,7 +294,44 @@ class PromptModel(nn.Module):
 
     def guide(self, image_features: torch.Tensor, labels: torch.Tensor | None = None,
               dataset_size: int | None = None) -> None:
-        raise NotImplementedError
+        if self.autoguide is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no guide: define a `guide` method, set "
+                "`self.guide = AutoNormal(self.model)` in __init__, or name an autoguide class "
+                "(`guide = AutoNormal`).")
+        with self.param_scope():
+            self._images_plate = None
+            self.autoguide(image_features, labels, dataset_size)
+            self.mark_images_plate(image_features, dataset_size)
+
+    def mark_images_plate(self, image_features: torch.Tensor, dataset_size: int | None
+                          ) -> None:
+        """A site of no weight and no randomness in the data plate (an auxiliary, masked Delta
+        "images_plate"; the guide's own plate if it made one), run after every guide: the
+        guide then has the model's plate nesting, which `Predictive(parallel=True)` reads from
+        the guide (vpt's guide has no site in a plate)."""
+        zeros = image_features.new_zeros(image_features.shape[0])               # (B,)
+        plate = self._images_plate
+        with plate if plate is not None else self.images(image_features, dataset_size):
+            pyro.sample("images_plate", dist.Delta(zeros).mask(False), obs=zeros,
+                        infer={"is_auxiliary": True, "_deterministic": True})
+
+
+def marks_images_plate(guide: Callable) -> Callable:
+    """A model file's guide method, followed by `PromptModel.mark_images_plate`."""
+    @functools.wraps(guide)
+    def marked(program: PromptModel, image_features: torch.Tensor, *args, **kwargs):
+        if program._in_guide:  # a guide calling its parent class's guide: mark once
+            return guide(program, image_features, *args, **kwargs)
+        program._images_plate, program._in_guide = None, True
+        try:
+            result = guide(program, image_features, *args, **kwargs)
+        finally:
+            program._in_guide = False
+        dataset_size = kwargs.get("dataset_size", args[1] if len(args) > 1 else None)
+        program.mark_images_plate(image_features, dataset_size)
+        return result
+    return marked
 
 
 def in_param_scope(function: Callable) -> Callable:

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import nn
 
 if TYPE_CHECKING:
@@ -43,10 +42,10 @@ def diagonal_normal(loc: torch.Tensor, log_var: torch.Tensor, event_dims: int
 
 def point_context(program: PromptModel) -> torch.Tensor:
     """The MAP guide of a context site: "ctx" ~ Delta(ctx_map), the parameter "ctx_map"
-    (n_ctx, W) starting at the initial context, KL-weighted as the prior it stands for."""
+    (n_ctx, W) starting at the initial context. (The objective applies --kl-weight to it, as
+    to the prior it stands for.)"""
     ctx_map = pyro.param("ctx_map", program.init_ctx.clone())
-    with poutine.scale(scale=program.config.kl_weight):
-        return pyro.sample("ctx", dist.Delta(ctx_map, event_dim=2))
+    return pyro.sample("ctx", dist.Delta(ctx_map, event_dim=2))
 
 
 def amortized_residual(program: PromptModel, image_features: torch.Tensor,
@@ -57,5 +56,4 @@ def amortized_residual(program: PromptModel, image_features: torch.Tensor,
                                 update_module_params=True)
     r_loc, r_scale = posterior_net(image_features)                      # (B, W) each
     with program.images(image_features, dataset_size):
-        with poutine.scale(scale=program.config.kl_weight):
-            return pyro.sample("r", dist.Normal(r_loc, r_scale).to_event(1))
+        return pyro.sample("r", dist.Normal(r_loc, r_scale).to_event(1))

@@ -14,6 +14,7 @@ import torch
 from bayesprompt.data.datasets import known_datasets
 from bayesprompt.data.splits import SUBSAMPLES
 from bayesprompt.errors import UserError
+from bayesprompt.inference.elbos import ELBOS, elbo_class
 from bayesprompt.inference.objectives import OBJECTIVES
 from bayesprompt.inference.variational import GUIDE_OPTIMIZERS
 from bayesprompt.paths import cache_root, data_root
@@ -105,6 +106,9 @@ class RunConfig:
                                     "reference: 1)")
     objective: str = option("elbo", "the loss: the ELBO, or the reference's 'paper' loss",
                             choices=OBJECTIVES)
+    elbo: str | None = option(
+        None, f"the Pyro ELBO of --objective elbo: one of {', '.join(ELBOS)} (default: the "
+        "model file's `elbo` attribute, else Trace_ELBO)")
     lr: float | None = option(None, "SGD learning rate (default: the dataset's; reference: "
                               "0.002)")
     guide_optimizer: str = option(
@@ -175,6 +179,8 @@ class RunConfig:
         config.root, config.cache_dir = absolute(self.root), absolute(self.cache_dir)
         config.dataset = dataset_option(self.dataset)
         config.eval_on = [dataset_option(name) for name in self.eval_on]
+        if self.elbo is not None:
+            elbo_class(self.elbo)
         if self.model.endswith(".py"):
             config.model = absolute(self.model)
         if self.backbone.endswith(".json"):

@@ -84,5 +84,7 @@ def load_run(run_dir: Path, device: str | None = None, model: str | None = None,
     if checkpoint.exists():
         program.initialize_parameters()
         with program.param_scope():
-            load_checkpoint(checkpoint, run_identity(config, clip, base.classnames), clip.device)
+            state = load_checkpoint(checkpoint, run_identity(config, clip, base.classnames),
+                                    clip.device)
+        program.load_guide_buffers(state.get("guide_buffers", {}))
     return config, program, clip, base, new

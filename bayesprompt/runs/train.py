@@ -22,6 +22,7 @@ from bayesprompt.data.datasets import load_dataset
 from bayesprompt.data.features import cached_features
 from bayesprompt.errors import RunInterrupted, UserError
 from bayesprompt.files import write_json
+from bayesprompt.inference.elbos import check_program, default_elbo
 from bayesprompt.inference.loss_curve import write_loss_curve
 from bayesprompt.inference.svi import TrainConfig, train
 from bayesprompt.inference.training_log import TrainingLog, check_tensorboard
@@ -77,6 +78,8 @@ def _train_and_evaluate(config: RunConfig, resume: bool, lock: RunFolderLock) ->
     with distributed.main_process_first():
         features = cached_features(clip, base.train, views, cache, config.seed,
                                    config.crop_min_scale, config.loader_workers).to(clip.device)
+    elbo = config.elbo or default_elbo(program)
+    check_program(program, config.objective, elbo, len(base.train))
     if distributed.is_main_process():  # only now: bad input leaves no half-made run
         lock.hold(out)  # another process may have started a run there since the check above
         if holds_run(out) and not resume:
@@ -87,7 +90,7 @@ def _train_and_evaluate(config: RunConfig, resume: bool, lock: RunFolderLock) ->
         write_json(out / "fewshot.json", selection.record())
     labels = torch.tensor([item.label for item in base.train], device=clip.device)
     train_config = TrainConfig(config.epochs, config.batch_size, config.num_particles,
-                               config.objective, config.lr, seed=config.seed,
+                               config.objective, config.lr, seed=config.seed, elbo=elbo,
                                guide_optimizer=(config.guide_optimizer
                                                 if config.objective == "elbo" else "sgd"),
                                guide_lr=config.guide_lr)
