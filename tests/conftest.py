@@ -10,12 +10,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip imports huggingface_hub
 
-from bayesprompt.data.fixtures import TINY_BACKBONE, write_eurosat  # noqa: E402
+from bayesprompt.data.fixtures import EUROSAT_FOLDERS, TINY_BACKBONE, write_eurosat  # noqa: E402
 
 #: This folder (test model files live in TESTS/models).
 TESTS = Path(__file__).resolve().parent
 
-__all__ = ["TESTS", "TINY_BACKBONE", "write_eurosat"]
+__all__ = ["EUROSAT_FOLDERS", "TESTS", "TINY_BACKBONE", "write_eurosat"]
 
 
 @pytest.fixture(scope="session")
