@@ -220,7 +220,8 @@ def test_a_checkpoint_is_loaded_onto_the_device_of_the_run(tmp_path: Path) -> No
     state.update(identity={}, param_store={"ctx_map": torch.ones(2, 3)})
     checkpoint.save_torch(tmp_path / "checkpoint.pt", state)
     pyro.clear_param_store()
-    pyro.param("ctx_map", torch.zeros(2, 3))  # the program creates its parameters first
+    # the program creates its parameters on the run's device first; loading copies into them
+    pyro.param("ctx_map", torch.zeros(2, 3, device="meta"))
     checkpoint.load_checkpoint(tmp_path / "checkpoint.pt", {}, "meta")
     (name, value), = pyro.get_param_store().named_parameters()
     assert name == "ctx_map" and value.device.type == "meta" and value.shape == (2, 3)

@@ -44,13 +44,18 @@ def per_image_sites(program: PromptModel, features: torch.Tensor) -> tuple[str, 
 
 @torch.no_grad()
 def guide_samples(program: PromptModel, features: torch.Tensor, num_samples: int
-                  ) -> dict[str, torch.Tensor]:
-    """Latent samples from the guide on features (N, D): site -> (S, *value shape)."""
+                  ) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """Latent samples from the guide on features (N, D): site -> (S, *event) for global sites,
+    (S, N, *event) for per-image ones; and the per-image sites. (The guide's data plate,
+    `PromptModel.mark_images_plate`, puts a size-1 dim before global latents: squeezed.)"""
     if not program.latent_sites:
-        return {}
+        return {}, ()
     predictive = Predictive(program.guide, num_samples=num_samples, parallel=True,
                             return_sites=list(program.latent_sites))
-    return {k: v.detach() for k, v in predictive(features).items()}
+    latents = predictive(features)
+    per_image = per_image_sites(program, features)
+    return ({k: v.detach() if k in per_image else v.detach().squeeze(1)
+             for k, v in latents.items()}, per_image)
 
 
 @dataclass
@@ -83,11 +88,7 @@ def posterior_draws(program: PromptModel, features: torch.Tensor, num_samples: i
     draws = num_samples if program.stochastic else 1
     elbos.check_evaluable(program, features)
     with seeded(seed):  # the guide first: `Predictive(model, guide=guide)` draws the same
-        latents = guide_samples(program, features, draws)
-        per_image = per_image_sites(program, features)
-    # the guide's data plate (`PromptModel.mark_images_plate`) puts a size-1 dim before global
-    # latents: (S, 1, *event) -> (S, *event)
-    latents = {k: v if k in per_image else v.squeeze(1) for k, v in latents.items()}
+        latents, per_image = guide_samples(program, features, draws)
     if shared is not None:
         for site in latents:
             if site not in per_image:

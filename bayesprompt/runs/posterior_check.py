@@ -202,7 +202,7 @@ def check_global(run: Run, features: torch.Tensor, labels: torch.Tensor,
     """NUTS on the global sites: (per-site reports, diagnostics, the NUTS result)."""
     program = run.program
     with seeded(options.seed):  # dispersed starts: draws of the guide
-        initial = guide_samples(program, features[0, :2], options.chains)
+        initial, _ = guide_samples(program, features[0, :2], options.chains)
     initial = {k: v for k, v in initial.items() if k in sites}
     nuts = run_nuts(program, features, labels, sites, initial, options.samples, options.warmup,
                     options.seed, progress)
