@@ -19,8 +19,13 @@ REPO = Path(__file__).resolve().parent.parent
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("wheel")
     source = folder / "source"  # setuptools builds in the tree: keep build/ out of the repo
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv*", "runs", "build", "*.egg-info", "__pycache__", ".*_cache"))
+    anywhere = shutil.ignore_patterns(".git", ".venv*", "*.egg-info", "__pycache__", ".*_cache")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:  # run folders, builds: top level
+        top = {"runs", "build"} & set(names) if Path(folder) == REPO else set()
+        return set(anywhere(folder, names)) | top
+
+    shutil.copytree(REPO, source, ignore=ignore)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "--no-build-isolation", "--wheel-dir", str(folder), str(source)],
                    check=True, capture_output=True)
