@@ -217,7 +217,7 @@ def test_a_loaded_autoguide_run_predicts_its_results(model, run_args, tmp_path) 
         model = write_model_file(tmp_path, "diag", AUTOGUIDE_FILE.format(
             guide=model, prior="standard_normal((self.ctx_dim,), ctx.device)"))
     run_cli([*run_args, "--model", model, "--lr", "0.5"])
-    run = bayesprompt.Run.load(tmp_path / "run")
+    run = bayesprompt.Run.load(tmp_path / "run", model=model)  # a file: passed, so trusted
     features, labels = run.test_features("new")
     run.set_classes(run.new.classnames)
     mean = run.predict(features).double().mean(0)
