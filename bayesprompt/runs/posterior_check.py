@@ -44,10 +44,10 @@ from bayesprompt.inference.gold_standard import (
     spread,
 )
 from bayesprompt.inference.predictive import (
-    batch_bounds,
+    PosteriorDraws,
     guide_samples,
     predictive_probs,
-    replay_model,
+    replayed_batches,
     seeded,
 )
 from bayesprompt.metrics import accuracy
@@ -115,13 +115,10 @@ def probs_given(program: PromptModel, features: torch.Tensor, latents: dict[str,
                 per_image: tuple[str, ...], batch_size: int) -> torch.Tensor:
     """Class probabilities (S, N, C) on features (N, D) with the latents set to draws: global
     (S, *event), per-image (S, N, *event)."""
-    num = next(iter(latents.values())).shape[0]
-    chunks = []
-    for start, stop in batch_bounds(features.shape[0], batch_size):
-        batch = {k: v[:, start:stop] if k in per_image else v for k, v in latents.items()}
-        trace = replay_model(program, features[start:stop], batch, per_image, num)
-        chunks.append(trace.nodes["y"]["fn"].probs.expand(num, stop - start, -1))
-    return torch.cat(chunks, dim=1)
+    draws = PosteriorDraws(latents, per_image, next(iter(latents.values())).shape[0])
+    return torch.cat([trace.nodes["y"]["fn"].probs.expand(draws.num_samples, stop - start, -1)
+                      for start, stop, trace in replayed_batches(program, features, draws,
+                                                                 batch_size)], dim=1)
 
 
 @torch.no_grad()
