@@ -273,3 +273,12 @@ def test_bf16_prompts_of_unequal_length_match_open_clip_under_autocast(backbone)
     (gradient,) = torch.autograd.grad((reference * weights).sum(), context)
     assert (ours - reference.detach()).abs().max() < BF16_FEATURE_TOLERANCE
     assert (our_gradient - gradient).norm() / gradient.norm() < BF16_GRADIENT_TOLERANCE
+
+
+def test_emulated_bf16_is_not_taken_for_bf16_hardware(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert not run_config.cpu_has_bf16_matmul()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert run_config.cpu_has_bf16_matmul()
