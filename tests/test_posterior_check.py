@@ -143,6 +143,29 @@ def test_the_elbo_of_the_exact_posterior_is_the_evidence() -> None:
     assert (fit_elbo(program, x, labels, "r", wrong, num_draws=2000) < elbo - 0.01).all()
 
 
+def test_a_kl_weight_tempers_the_likelihood_not_the_prior() -> None:
+    """With --kl-weight b the objective's optimum is p(r) p(y | r)^(1/b): in one dimension a
+    Gaussian of precision 1 + x^2 / (b s^2), and log p(r) + log p(y | r) / b - log q(r) of
+    that Gaussian is the same for every draw, log Z_b = log N(y; 0, b s^2 + x^2)
+    + log (2 pi b s^2)^(1/2) - log (2 pi s^2)^(1/(2b))."""
+    b = 2.0
+    features, labels = linear_data(views=1, n=4, dim=1, seed=3)
+    x = features[0]
+    variance = 1 / (1 + x[:, 0] ** 2 / (b * NOISE**2))
+    mean = variance * x[:, 0] * labels / (b * NOISE**2)
+    program = LinearGaussian(1, True, torch.zeros(1), torch.ones(1))
+    program.config = PromptConfig(kl_weight=b)
+    check = image_posteriors(program, x, labels, "r", num_draws=20000, seed=0, progress=False)
+    assert ((check.gold.mean[:, 0] - mean).abs() / variance.sqrt()).max() < 0.1
+    assert ((check.gold.sd[:, 0] / variance.sqrt()) - 1).abs().max() < 0.1
+    tempered = DiagonalGaussian(mean[:, None].double(), variance.sqrt()[:, None].double())
+    log_z = (dist.Normal(0.0, (b * NOISE**2 + x[:, 0] ** 2).sqrt()).log_prob(labels)
+             + 0.5 * math.log(2 * math.pi * b * NOISE**2)
+             - math.log(2 * math.pi * NOISE**2) / (2 * b))
+    elbo = fit_elbo(program, x, labels, "r", tempered, num_draws=50)
+    assert torch.allclose(elbo.float(), log_z, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def ignores_r(tiny_clip):
     model_class = load_model_class(str(TESTS / "models" / "ignores_r.py"))

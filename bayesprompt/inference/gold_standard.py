@@ -19,7 +19,7 @@ training images, K checked images, M draws.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,13 +53,23 @@ class DiagonalGaussian:
 
 
 def kl_weight(program: object) -> float:
-    """The KL weight b of a program (1 when it has none); the gold standard's log density is
-    the model's log joint divided by it."""
+    """The KL weight b of a program (1 when it has none). The objective weighs the latent sites
+    by b on both sides, so its optimum is the tempered posterior p(z) p(y | z)^(1/b): the gold
+    standard's log density is the latents' log prior plus the observations' log likelihood
+    divided by b (`tempered_log_prob`)."""
     weight = float(getattr(getattr(program, "config", None), "kl_weight", 1.0))
     if weight <= 0:
         raise UserError("The posterior check needs a positive --kl-weight: with weight 0 the "
                         "objective has no posterior to compare the guide with.")
     return weight
+
+
+def tempered_log_prob(node: dict, weight: float, latents: Iterable[str]) -> torch.Tensor:
+    """A model trace's sample site's scaled log density, divided by the KL weight b where the
+    site is observed data (the likelihood), as is where it is one of the `latents` (the prior;
+    also when `poutine.condition` set its value)."""
+    log_prob = node["fn"].log_prob(node["value"]) * node["scale"]
+    return log_prob / weight if node["is_observed"] and node["name"] not in latents else log_prob
 
 
 def checked_sites(program: object, features: torch.Tensor) -> tuple[tuple[str, ...],
@@ -99,14 +109,15 @@ def global_potential(program: object, features: torch.Tensor, labels: torch.Tens
                      ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     """The negative log density of the global latents ({site: (*event)} -> scalar) that the
     objective approximates: features (V, N, D), labels (N,); every view in one batch with the
-    data plate of N images (scale 1 / V), divided by the KL weight."""
+    data plate of N images (scale 1 / V), the likelihood tempered by the KL weight."""
     flat, flat_labels = flat_views(features, labels)
     size, weight = features.shape[1], kl_weight(program)
 
     def potential(latents: dict[str, torch.Tensor]) -> torch.Tensor:
         trace = poutine.trace(poutine.condition(program.model, data=latents)).get_trace(
             flat, flat_labels, size)
-        return -trace.log_prob_sum() / weight
+        return -sum(tempered_log_prob(node, weight, latents).sum() for node in
+                    prune_subsample_sites(trace).nodes.values() if node["type"] == "sample")
 
     return potential
 
@@ -209,19 +220,21 @@ def pareto_khat(log_weights: torch.Tensor) -> float:
 def particle_log_weights(program: object, num_draws: int, features: torch.Tensor,
                          labels: torch.Tensor, dataset_size: int | None, per_image: bool
                          ) -> torch.Tensor:
-    """log p(latents, data) / b - log q(latents) / b of M guide draws: (M,) summed over the
-    batch for global sites, (M, B) per image for per-image sites (b: the KL weight)."""
+    """log p(latents) + log p(data | latents) / b - log q(latents) of M guide draws: (M,)
+    summed over the batch for global sites, (M, B) per image for per-image sites (b: the KL
+    weight, `tempered_log_prob`)."""
     guide_trace, model_trace = particle_traces(program, num_draws, features, labels,
                                                dataset_size)
-    total = torch.zeros(())
+    weight = kl_weight(program)
+    total = torch.zeros((), dtype=torch.float64)
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         for site in prune_subsample_sites(trace).nodes.values():
             if site["type"] != "sample":
                 continue
-            log_prob = site["fn"].log_prob(site["value"]) * site["scale"]
+            log_prob = tempered_log_prob(site, weight, ()).double()
             log_prob = log_prob if per_image else log_prob.reshape(num_draws, -1).sum(-1)
-            total = total + sign * log_prob.double()
-    return total / kl_weight(program)
+            total = total + sign * log_prob
+    return total
 
 
 @torch.no_grad()
@@ -303,7 +316,7 @@ def image_posteriors(program: object, features: torch.Tensor, labels: torch.Tens
 def fit_elbo(program: object, features: torch.Tensor, labels: torch.Tensor, site: str,
              fit: DiagonalGaussian, num_draws: int = 2000, seed: int = 0) -> torch.Tensor:
     """The ELBO (K,) of a diagonal Gaussian fit (K, *event) of each image's latent, by M
-    draws: E_q[(log p(y_i, r | x_i) - log q(r)) / b] as in `particle_log_weights`."""
+    draws: E_q[log p(r) + log p(y_i | x_i, r) / b - log q(r)] as in `particle_log_weights`."""
     weight = kl_weight(program)
     q = dist.Normal(fit.mean.float(), fit.sd.float()).to_event(fit.mean.dim() - 1)
     with torch.no_grad(), seeded(seed):
@@ -311,7 +324,7 @@ def fit_elbo(program: object, features: torch.Tensor, labels: torch.Tensor, site
         with pyro.plate("particles", num_draws, dim=-2):
             trace = poutine.trace(poutine.condition(program.model, data={site: draws})
                                   ).get_trace(features, labels)
-        total = sum(node["fn"].log_prob(node["value"]).double() * node["scale"] / weight
+        total = sum(tempered_log_prob(node, weight, (site,)).double()
                     for node in prune_subsample_sites(trace).nodes.values()
                     if node["type"] == "sample")
         return (total - q.log_prob(draws).double()).mean(0)
