@@ -7,6 +7,7 @@ Functions take plain arrays (numpy or torch): ``probs`` (S, N, C) per posterior 
 from bayesprompt.analysis.calibration import calibration_report
 from bayesprompt.analysis.coverage import prompt_spread, template_coverage, template_distances
 from bayesprompt.analysis.inference_data import (
+    held_out_elpd,
     load_inference_data,
     save_inference_data,
     to_inference_data,
@@ -20,6 +21,7 @@ __all__ = [
     "IMAGENET_TEMPLATES",
     "aurc",
     "calibration_report",
+    "held_out_elpd",
     "load_inference_data",
     "prompt_spread",
     "save_inference_data",

@@ -1,6 +1,7 @@
 """Package posterior samples and predictions as ArviZ ``InferenceData`` and store them as netCDF.
 
-Layout of the result (S posterior samples, N test images, C classes)::
+Two layouts, after ArviZ's InferenceData schema (S posterior samples, N images, C classes).
+On the images the posterior was conditioned on (the run's training images: ``train``)::
 
     posterior               one variable per latent site, dims (chain, draw, *event_dims)
     posterior_predictive    y     (chain, draw, image)         sampled / predicted labels
@@ -8,15 +9,26 @@ Layout of the result (S posterior samples, N test images, C classes)::
     log_likelihood          y     (chain, draw, image)         log p_s(y_i | x_i) of the true label
     observed_data           y     (image,)                     true labels
 
+On held-out images (the test splits: ``held_out=True``), whose labels the posterior never saw::
+
+    posterior               as above
+    predictions             y     (chain, draw, image)         sampled / predicted labels
+                            probs (chain, draw, image, class)  class probabilities per sample
+                            log_density (chain, draw, image)   log p_s(y_i | x_i) of the true label
+    predictions_constant_data  y  (image,)                     true labels
+
 There is a single chain (``chain = [0]``) and ``draw = 0..S-1``. Coordinates: ``image`` (0..N-1),
 ``class`` (class names) and, when given, ``split`` as a non-index coordinate on the ``image`` dim.
 
-``log_likelihood`` is named ``y`` like the observed variable, ArviZ's convention, so that
-``az.loo(idata)`` and ``az.compare({"a": idata_a, "b": idata_b})`` find it without
-``var_name``. ``az.loo`` needs S >= 2 draws and a ``posterior`` group (zeroshot has none).
-Point-estimate models repeat one draw S times: then loo's importance weights are all equal,
-``elpd_loo`` is the test log-likelihood and ``p_loo`` is 0 (ArviZ warns about Pareto k, which
-means nothing there); see docs/ANALYSIS.md.
+``log_likelihood`` and ``observed_data`` hold only data the posterior is conditioned on (the
+schema's definition), so ``az.loo(idata)`` and ``az.compare`` are PSIS-LOO on the training
+data; ``log_likelihood`` is named ``y`` like the observed variable, ArviZ's convention, so they
+need no ``var_name``. A held-out file has no ``log_likelihood`` group: ``az.loo`` refuses it
+rather than return a meaningless number; its score is :func:`held_out_elpd`. ``az.loo`` needs
+S >= 2 draws and a ``posterior`` group (zeroshot has none). Point-estimate models repeat one
+draw S times: then loo's importance weights are all equal, ``elpd_loo`` is the training
+log-likelihood and ``p_loo`` is 0 (ArviZ warns about Pareto k, which means nothing there); see
+docs/ANALYSIS.md.
 
 The groups are built as plain ``xarray.Dataset`` objects and then wrapped in ArviZ's container:
 ``arviz.InferenceData`` for ArviZ < 1 and ``xarray.DataTree`` for ArviZ >= 1. We do not use
@@ -30,6 +42,7 @@ from typing import Any
 import arviz as az
 import numpy as np
 import xarray as xr
+from scipy.special import logsumexp
 
 from bayesprompt.files import atomic_write
 from bayesprompt.metrics import EPS, to_numpy
@@ -65,6 +78,38 @@ def _container(groups: dict[str, xr.Dataset]) -> Any:
     return az.InferenceData(**groups)
 
 
+def _check_outputs(probs: np.ndarray, predicted: np.ndarray, labels: np.ndarray,
+                   classnames: Sequence[str]) -> None:
+    """ValueError unless probs (S, N, C), predicted (S, N), labels (N,) in [0, C), C names."""
+    n_samples, n_images, n_classes = probs.shape
+    if predicted.shape != (n_samples, n_images) or labels.shape != (n_images,):
+        raise ValueError(
+            f"expected predicted_labels {(n_samples, n_images)} and labels {(n_images,)}, "
+            f"got {predicted.shape} and {labels.shape}"
+        )
+    if len(classnames) != n_classes:
+        raise ValueError(f"{len(classnames)} class names for {n_classes} classes")
+    if labels.size and not 0 <= labels.min() <= labels.max() < n_classes:
+        raise ValueError(f"labels must lie in [0, {n_classes}), got {labels.min()}..{labels.max()}")
+
+
+def _coordinates(n_samples: int, n_images: int, classnames: Sequence[str],
+                 split: Sequence[str] | None) -> dict[str, tuple[str, Any]]:
+    """Coordinate name -> (dim, values): chain, draw, image, class and, if given, split."""
+    coords = {
+        "chain": ("chain", [0]),
+        "draw": ("draw", np.arange(n_samples)),
+        "image": ("image", np.arange(n_images)),
+        "class": ("class", np.asarray(classnames, dtype=str)),
+    }
+    if split is not None:
+        split = np.asarray(split, dtype=str)
+        if split.shape != (n_images,):
+            raise ValueError(f"split must have shape {(n_images,)}, got {split.shape}")
+        coords["split"] = ("image", split)
+    return coords
+
+
 def to_inference_data(
     latents: Mapping[str, Any],
     predicted_labels: Any,
@@ -73,6 +118,8 @@ def to_inference_data(
     classnames: Sequence[str],
     split: Sequence[str] | None = None,
     dims: Mapping[str, Sequence[str]] | None = None,
+    *,
+    held_out: bool,
 ) -> Any:
     """Build ArviZ InferenceData from posterior samples and posterior-predictive outputs.
 
@@ -88,37 +135,19 @@ def to_inference_data(
             on the ``image`` dim.
         dims: optional site name -> names of its event dims (without chain/draw), overriding
             the default naming (see :func:`_default_event_dims`).
+        held_out: False when the posterior was conditioned on these images and labels (the
+            training set), True for held-out images (test splits): see the module docstring.
 
     Returns:
         ``arviz.InferenceData`` (ArviZ < 1) or ``xarray.DataTree`` (ArviZ >= 1) with groups
-        ``posterior``, ``posterior_predictive``, ``log_likelihood`` and ``observed_data``;
-        log-likelihoods are in float64, probabilities floored at 1e-12 as in the NLL metric.
+        ``posterior``, ``posterior_predictive``, ``log_likelihood`` and ``observed_data``, or
+        (held out) ``posterior``, ``predictions`` and ``predictions_constant_data``; log
+        densities are in float64, probabilities floored at 1e-12 as in the NLL metric.
     """
-    probs = to_numpy(probs)
-    predicted = to_numpy(predicted_labels)
-    labels = to_numpy(labels)
-    n_samples, n_images, n_classes = probs.shape
-    if predicted.shape != (n_samples, n_images) or labels.shape != (n_images,):
-        raise ValueError(
-            f"expected predicted_labels {(n_samples, n_images)} and labels {(n_images,)}, "
-            f"got {predicted.shape} and {labels.shape}"
-        )
-    if len(classnames) != n_classes:
-        raise ValueError(f"{len(classnames)} class names for {n_classes} classes")
-    if labels.size and not 0 <= labels.min() <= labels.max() < n_classes:
-        raise ValueError(f"labels must lie in [0, {n_classes}), got {labels.min()}..{labels.max()}")
-
-    coords = {  # coordinate name -> (dim, values)
-        "chain": ("chain", [0]),
-        "draw": ("draw", np.arange(n_samples)),
-        "image": ("image", np.arange(n_images)),
-        "class": ("class", np.asarray(classnames, dtype=str)),
-    }
-    if split is not None:
-        split = np.asarray(split, dtype=str)
-        if split.shape != (n_images,):
-            raise ValueError(f"split must have shape {(n_images,)}, got {split.shape}")
-        coords["split"] = ("image", split)
+    probs, predicted, labels = (to_numpy(x) for x in (probs, predicted_labels, labels))
+    _check_outputs(probs, predicted, labels, classnames)
+    n_samples, n_images, _ = probs.shape
+    coords = _coordinates(n_samples, n_images, classnames, split)
 
     def dataset(variables: dict) -> xr.Dataset:
         """Dataset of ``name -> (dims, values)`` with the coordinates of the dims it uses."""
@@ -134,18 +163,21 @@ def to_inference_data(
         event_dims = tuple(dims.get(name, _default_event_dims(name, value.shape, n_images)))
         posterior[name] = (SAMPLE_DIMS + event_dims, value[None])
 
-    groups = {
-        "posterior": dataset(posterior),
-        "posterior_predictive": dataset(
-            {
-                "y": (SAMPLE_DIMS + ("image",), predicted[None]),
-                "probs": (SAMPLE_DIMS + ("image", "class"), probs[None]),
-            }
-        ),
-        "log_likelihood": dataset(
-            {"y": (SAMPLE_DIMS + ("image",), log_likelihood(probs, labels)[None])}),
-        "observed_data": dataset({"y": (("image",), labels)}),
+    predicted_vars = {
+        "y": (SAMPLE_DIMS + ("image",), predicted[None]),
+        "probs": (SAMPLE_DIMS + ("image", "class"), probs[None]),
     }
+    log_density = (SAMPLE_DIMS + ("image",), log_likelihood(probs, labels)[None])
+    true_labels = dataset({"y": (("image",), labels)})
+    if held_out:
+        groups = {"posterior": dataset(posterior),
+                  "predictions": dataset({**predicted_vars, "log_density": log_density}),
+                  "predictions_constant_data": true_labels}
+    else:
+        groups = {"posterior": dataset(posterior),
+                  "posterior_predictive": dataset(predicted_vars),
+                  "log_likelihood": dataset({"y": log_density}),
+                  "observed_data": true_labels}
     return _container(groups)
 
 
@@ -153,6 +185,16 @@ def log_likelihood(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(S, N, C) probabilities and (N,) labels -> (S, N) ``log probs[s, i, labels[i]]``."""
     true_probs = np.take_along_axis(probs, labels[None, :, None].astype(np.int64), -1)[..., 0]
     return np.log(np.maximum(true_probs.astype(np.float64), EPS))
+
+
+def held_out_elpd(idata: Any) -> float:
+    """Log predictive density of a held-out file's true labels, sum_i log mean_s p_s(y_i | x_i)
+    (= -N * NLL of the predictive mean, up to the 1e-12 floor), from ``predictions.log_density``."""
+    log_density = idata["predictions"]["log_density"]
+    draws = log_density.sizes["chain"] * log_density.sizes["draw"]
+    values = log_density.transpose(*SAMPLE_DIMS, ...).values            # (chain, draw, N)
+    pointwise = logsumexp(values, axis=(0, 1)) - np.log(draws)
+    return float(pointwise.sum())
 
 
 #: HDF5 bookkeeping added to the data's own bytes when checking the free space.

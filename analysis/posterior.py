@@ -1,4 +1,5 @@
-"""Posterior samples of a trained run on its test splits, as arrays and as ArviZ InferenceData.
+"""Posterior samples of a trained run on its test splits and its training images, as arrays and
+as ArviZ InferenceData.
 
 How the samples are drawn (S samples, N test images of a split, C classes, D feature width):
 the one posterior predictive of ``bayesprompt.inference.predictive``, which also gives
@@ -19,7 +20,11 @@ Point-estimate models (coop, cocoop, zeroshot: ``program.stochastic`` is False) 
 once and the draw is repeated S times: their S samples are identical by construction.
 
 Base and new classes are different class sets, so every split gets its own InferenceData with
-its own ``class`` coordinate, stored as ``posterior_<split>.nc``.
+its own ``class`` coordinate, stored as ``posterior_<split>.nc``. The training images (split
+``train``: the run's few-shot training set, un-augmented view 0) are drawn last, with the same
+S, seed and global draws: their labels are the data the posterior was conditioned on, so their
+InferenceData holds ``log_likelihood`` for ``az.loo``; the test splits' hold ``predictions``
+(``analysis/inference_data.py``).
 """
 
 from __future__ import annotations
@@ -44,8 +49,11 @@ from bayesprompt.inference.predictive import (
 from bayesprompt.program.base import PromptModel
 from bayesprompt.program.templates import IMAGENET_TEMPLATES, template_text_features
 from bayesprompt.runs.config import RunConfig
-from bayesprompt.runs.evaluate import test_features
+from bayesprompt.runs.evaluate import test_features, train_features
 from bayesprompt.runs.loaded_run import LoadedRun
+
+#: The name of the split of the run's training images, the data the posterior is conditioned on.
+TRAIN_SPLIT = "train"
 
 #: Per-image text features (S, M, C, D) are kept for the first M images of a split only.
 MAX_TEXT_IMAGES = 32
@@ -53,7 +61,8 @@ MAX_TEXT_IMAGES = 32
 
 @dataclass
 class SplitSamples:
-    """Posterior samples on the test images of one split."""
+    """Posterior samples on the images of one split: held-out test images, or (``held_out``
+    False) the training images the posterior was conditioned on."""
 
     name: str
     classnames: list[str]
@@ -64,6 +73,7 @@ class SplitSamples:
     predicted: torch.Tensor  # (S, N) sampled labels
     probs: torch.Tensor  # (S, N, C) class probabilities per sample
     text_features: torch.Tensor | None  # (S, C, D) global, (S, M, C, D) per image, None
+    held_out: bool = True
 
     def inference_data(self) -> Any:
         """ArviZ InferenceData of this split (see :func:`to_inference_data`)."""
@@ -72,12 +82,14 @@ class SplitSamples:
             image = ["image"] if name in self.per_image_sites else []
             dims[name] = image + [f"{name}_dim_{i}" for i in range(value.dim() - 1 - len(image))]
         return to_inference_data(self.latents, self.predicted, self.probs, self.labels,
-                                 self.classnames, [self.name] * len(self.labels), dims)
+                                 self.classnames, [self.name] * len(self.labels), dims,
+                                 held_out=self.held_out)
 
 
 @dataclass
 class RunPosterior:
-    """A loaded run and its posterior samples per split (base, new, domain names)."""
+    """A loaded run and its posterior samples per test split (base, new, domain names) and on
+    its training images (``train``; None when not drawn or the model has no latent)."""
 
     run_dir: Path
     config: RunConfig
@@ -86,6 +98,7 @@ class RunPosterior:
     splits: dict[str, SplitSamples]
     num_samples: int
     seed: int
+    train: SplitSamples | None = None
 
     @property
     def deterministic(self) -> bool:
@@ -111,15 +124,17 @@ def batch_samples(trace: Any, num_samples: int, images: int
     return labels, probs, text
 
 
-def sample_split(program: PromptModel, name: str, dataset: Dataset, features: torch.Tensor,
-                 num_samples: int, global_latents: dict[str, torch.Tensor], seed: int,
-                 batch_size: int = 64) -> SplitSamples:
-    """Draw S posterior samples on the test split of ``dataset`` (image features (N, D)).
+def sample_split(program: PromptModel, name: str, classnames: list[str],
+                 data: tuple[torch.Tensor, torch.Tensor], num_samples: int,
+                 global_latents: dict[str, torch.Tensor], seed: int, batch_size: int = 64,
+                 held_out: bool = True) -> SplitSamples:
+    """Draw S posterior samples on the images of a split: ``data`` = features (N, D), labels (N,).
 
     ``global_latents`` holds the run's shared draws of the global sites; it is filled on the
     first call. Point-estimate models draw once and repeat the draw S times.
     """
-    program.set_classes(dataset.classnames)
+    features, true_labels = data
+    program.set_classes(classnames)
     draws = posterior_draws(program, features, num_samples, seed, global_latents)
     labels, probs, texts = [], [], []
     with torch.no_grad():
@@ -140,13 +155,14 @@ def sample_split(program: PromptModel, name: str, dataset: Dataset, features: to
         return x.expand(num_samples, *x.shape[1:]).clone()
 
     return SplitSamples(
-        name=name, classnames=list(dataset.classnames), features=features.cpu(),
-        labels=torch.tensor([item.label for item in dataset.test]),
+        name=name, classnames=list(classnames), features=features.cpu(),
+        labels=true_labels.cpu(),
         latents={k: repeat(v).cpu() for k, v in draws.latents.items()},
         per_image_sites=draws.per_image,
         predicted=repeat(torch.cat(labels, dim=1)).cpu(),
         probs=repeat(torch.cat(probs, dim=1)).cpu(),
-        text_features=None if text_features is None else repeat(text_features).cpu())
+        text_features=None if text_features is None else repeat(text_features).cpu(),
+        held_out=held_out)
 
 
 def domain_dataset(config: RunConfig, name: str, classnames: list[str]) -> Dataset:
@@ -163,10 +179,27 @@ def domain_dataset(config: RunConfig, name: str, classnames: list[str]) -> Datas
     return dataset
 
 
+def chosen_splits(run: LoadedRun, splits: Sequence[str], domains: Sequence[str]
+                  ) -> dict[str, Dataset]:
+    """Split name -> dataset of the chosen test splits (see :func:`posterior_samples`)."""
+    own = {"base": run.base, "new": run.new}
+    chosen = {}
+    for split in splits:
+        if split not in own:
+            raise UserError(f"Unknown split '{split}'; choose from base, new (the training "
+                            "images are drawn with train=True).")
+        if own[split] is not None:
+            chosen[split] = own[split]
+    for name in domains:
+        chosen[name] = domain_dataset(run.config, name, run.base.classnames)
+    return chosen
+
+
 def posterior_samples(run: LoadedRun | str | Path, num_samples: int | None = None,
                       splits: Sequence[str] = ("base", "new"), domains: Sequence[str] = (),
-                      device: str | None = None, seed: int | None = None) -> RunPosterior:
-    """Draw S posterior samples of a run on each test split.
+                      device: str | None = None, seed: int | None = None,
+                      train: bool = True) -> RunPosterior:
+    """Draw S posterior samples of a run on each test split and on its training images.
 
     Args:
         run: a loaded run (``bayesprompt.Run``), or a run folder (config.json,
@@ -179,6 +212,8 @@ def posterior_samples(run: LoadedRun | str | Path, num_samples: int | None = Non
         device: overrides the run's device (when ``run`` is a folder).
         seed: seed of the draws (default: the run's `eval_seed`). With the run's S and seed,
             the accuracies equal results.json's.
+        train: also draw on the training images (``RunPosterior.train``, split "train"),
+            after the test splits; not for a model without latents (zeroshot).
 
     Returns:
         :class:`RunPosterior` with one :class:`SplitSamples` per split.
@@ -188,33 +223,30 @@ def posterior_samples(run: LoadedRun | str | Path, num_samples: int | None = Non
                         "S of posterior samples drawn per test image (default: the run's).")
     if not isinstance(run, LoadedRun):
         run = LoadedRun.load(run, device)
-    run_dir, config, program, clip, base, new = (run.folder, run.config, run.program, run.clip,
-                                                 run.base, run.new)
-    if program.latent_sites and not (run_dir / "checkpoint.pt").is_file():
-        raise UserError(f"{run_dir} holds no checkpoint.pt: the run has not finished an epoch "
-                        "of training. Train it (svi_train.py --out RUN_DIR [--resume]) first.")
-    datasets = {"base": base, "new": new}
-    chosen = {}
-    for split in splits:
-        if split not in datasets:
-            raise UserError(f"Unknown split '{split}'; choose from base, new.")
-        if datasets[split] is not None:
-            chosen[split] = datasets[split]
-    for name in domains:
-        chosen[name] = domain_dataset(config, name, base.classnames)
-
+    config, program, clip = run.config, run.program, run.clip
+    if program.latent_sites and not (run.folder / "checkpoint.pt").is_file():
+        raise UserError(f"{run.folder} holds no checkpoint.pt: the run has not finished an "
+                        "epoch of training. Train it (svi_train.py --out RUN_DIR [--resume]) "
+                        "first.")
+    chosen = chosen_splits(run, splits, domains)
     num_samples = config.eval_samples if num_samples is None else num_samples
     seed = config.eval_seed if seed is None else seed
     classnames = program.classnames
     global_latents: dict[str, torch.Tensor] = {}
-    samples = {}
+    samples, train_samples = {}, None
     with seeded(seed):  # the sampled labels; the caller's RNG states are kept
         for name, dataset in chosen.items():
-            features, _ = test_features(clip, dataset, config)
-            samples[name] = sample_split(program, name, dataset, features, num_samples,
+            samples[name] = sample_split(program, name, dataset.classnames,
+                                         test_features(clip, dataset, config), num_samples,
                                          global_latents, seed, config.eval_batch_size)
+        if train and program.latent_sites:
+            train_samples = sample_split(program, TRAIN_SPLIT, run.base.classnames,
+                                         train_features(clip, run.base, config), num_samples,
+                                         global_latents, seed, config.eval_batch_size,
+                                         held_out=False)
     program.set_classes(classnames)
-    return RunPosterior(run_dir, config, program, clip, samples, num_samples, seed)
+    return RunPosterior(run.folder, config, program, clip, samples, num_samples, seed,
+                        train_samples)
 
 
 def template_features(clip: FrozenCLIP, classnames: list[str],

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from bayesprompt.analysis.calibration import calibration_report
 from bayesprompt.analysis.coverage import prompt_spread, template_coverage, template_distances
-from bayesprompt.analysis.inference_data import save_inference_data
+from bayesprompt.analysis.inference_data import held_out_elpd, save_inference_data
 from bayesprompt.analysis.plots import (
     plot_feature_projection,
     plot_latent_forest,
@@ -92,8 +92,9 @@ def coverage_metrics(samples: SplitSamples, templates: np.ndarray,
 
 
 def loo_metrics(idata: Any, split: str) -> dict[str, Any]:
-    """PSIS-LOO of a split (``az.loo``): elpd_loo, p_loo and the images whose Pareto k exceeds
-    0.7; a warning says when LOO is unreliable (docs/ANALYSIS.md: how many draws it needs)."""
+    """PSIS-LOO (``az.loo``) of the data the posterior was conditioned on (the ``train`` file):
+    elpd_loo, p_loo and the images whose Pareto k exceeds 0.7; a warning says when LOO is
+    unreliable (docs/ANALYSIS.md: how many draws it needs)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ's own warning about k; ours says what to do
         loo = az.loo(idata, pointwise=True)
@@ -156,6 +157,16 @@ def write_plots(posterior: RunPosterior, idata: dict[str, Any],
     return files
 
 
+def conditioned_loo(posterior: RunPosterior, conditioned: dict[str, Any]
+                    ) -> dict[str, dict[str, Any]]:
+    """:func:`loo_metrics` per InferenceData of conditioned data (``train``) of a stochastic
+    model with S >= 2 draws; {} otherwise (a point-estimate model's file still gives ``az.loo``,
+    p_loo 0, but its Pareto k are meaningless)."""
+    if posterior.deterministic or posterior.num_samples < 2:
+        return {}
+    return {name: loo_metrics(data, name) for name, data in conditioned.items()}
+
+
 def write_analysis(posterior: RunPosterior, out: Path | None = None) -> dict[str, Any]:
     """Write netCDF files, figures and metrics.json into ``out`` (default RUN_DIR/analysis).
 
@@ -165,8 +176,10 @@ def write_analysis(posterior: RunPosterior, out: Path | None = None) -> dict[str
     out = Path(out or posterior.run_dir / "analysis")
     make_folder(out)
     idata = {name: s.inference_data() for name, s in posterior.splits.items()}
+    train = {} if posterior.train is None else {
+        posterior.train.name: posterior.train.inference_data()}
     files = []
-    for name, data in idata.items():
+    for name, data in {**idata, **train}.items():
         save_inference_data(data, out / f"posterior_{name}.nc")
         files.append(f"posterior_{name}.nc")
     templates, by_classes = {}, {}  # split -> (K, C, D); domains reuse the base classes'
@@ -185,6 +198,7 @@ def write_analysis(posterior: RunPosterior, out: Path | None = None) -> dict[str
         "deterministic": posterior.deterministic,
         "splits": {},
         "auroc": separation_metrics(posterior),
+        "loo": conditioned_loo(posterior, train),
     }
     if posterior.deterministic:
         metrics["note"] = (f"'{posterior.config.model}' is a point-estimate model: its "
@@ -192,10 +206,9 @@ def write_analysis(posterior: RunPosterior, out: Path | None = None) -> dict[str
                            "uncertainty is 0 (left out) and the credible region is undefined.")
     for name, s in posterior.splits.items():
         metrics["splits"][name] = split_metrics(s, posterior.deterministic)
+        metrics["splits"][name]["elpd_test"] = held_out_elpd(idata[name])
         metrics["splits"][name]["coverage"] = coverage_metrics(
             s, templates.get(name), posterior.deterministic)
-        if not posterior.deterministic and posterior.num_samples >= 2 and s.latents:
-            metrics["splits"][name]["loo"] = loo_metrics(idata[name], name)
     files += write_plots(posterior, idata, templates, out)
     metrics["files"] = files + ["metrics.json"]
     write_json(out / "metrics.json", metrics)
@@ -210,7 +223,11 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     for name, m in metrics["splits"].items():
         lines.append(f"{name:>12}: accuracy {100 * m['accuracy']:.1f}%  ECE {m['ece']:.3f}  "
                      f"NLL {m['nll']:.3f}  Brier {m['brier']:.3f}  "
-                     f"AURC {m['aurc']['total']:.3f}  (n={m['n']})")
+                     f"AURC {m['aurc']['total']:.3f}  elpd_test {m['elpd_test']:.2f}  "
+                     f"(n={m['n']})")
     for name, values in metrics["auroc"].items():
         lines.append(f"AUROC {name}: " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    for name, loo in metrics["loo"].items():
+        lines.append(f"PSIS-LOO on '{name}': elpd_loo {loo['elpd_loo']:.2f}  "
+                     f"p_loo {loo['p_loo']:.2f}  max Pareto k {loo['pareto_k_max']:.2f}")
     return lines

@@ -5,7 +5,8 @@
     features, labels = run.test_features("new")
     run.set_classes(run.new.classnames)
     probs = run.predict(features, num_samples=20)           # (S, N, C)
-    idata = run.to_inference_data("new")                     # ArviZ, with log_likelihood
+    idata = run.to_inference_data("new")                     # ArviZ, held-out predictions
+    train = run.to_inference_data("train")                   # log_likelihood: az.loo(train)
 
 `fit` is `svi_train.py` as a function and writes the same run folder; `Run.load(folder)`
 rebuilds a run from that folder, so a fitted run and a loaded one are the same thing. Each
@@ -34,19 +35,29 @@ class Run(LoadedRun):
     """A trained run (see `LoadedRun`), with its posterior as analysis data."""
 
     def posterior(self, num_samples: int | None = None, splits: Sequence[str] = ("base", "new"),
-                  domains: Sequence[str] = (), seed: int | None = None) -> RunPosterior:
-        """Posterior samples on test splits, the input of `bayesprompt.analysis.report`."""
+                  domains: Sequence[str] = (), seed: int | None = None,
+                  train: bool = True) -> RunPosterior:
+        """Posterior samples on test splits and (`train`) on the training images, the input of
+        `bayesprompt.analysis.report`."""
         from bayesprompt.analysis.posterior import posterior_samples
-        return posterior_samples(self, num_samples, splits, domains, seed=seed)
+        return posterior_samples(self, num_samples, splits, domains, seed=seed, train=train)
 
 
     def to_inference_data(self, split: str = "base", num_samples: int | None = None,
                           seed: int | None = None) -> Any:
-        """ArviZ InferenceData of a test split: 'base', 'new', or a domain dataset with the
-        training classes (docs/ANALYSIS.md lists its groups)."""
+        """ArviZ InferenceData of a split: 'train' (the training images the posterior was
+        conditioned on, with `log_likelihood` for `az.loo`), or a test split with held-out
+        `predictions`: 'base', 'new', or a domain dataset with the training classes
+        (docs/ANALYSIS.md lists the groups)."""
+        if split == "train":
+            posterior = self.posterior(num_samples, [], [], seed, train=True)
+            if posterior.train is None:
+                raise UserError(f"{self.config.model} has no latent: its predictions were "
+                                "conditioned on no training data, so it has no 'train' split.")
+            return posterior.train.inference_data()
         own = split in ("base", "new")
         posterior = self.posterior(num_samples, [split] if own else [], [] if own else [split],
-                                   seed)
+                                   seed, train=False)
         if split not in posterior.splits:
             raise UserError(f"{self.folder} has no '{split}' split (it was trained on all "
                             "classes).")

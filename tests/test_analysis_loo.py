@@ -9,7 +9,8 @@ from bayesprompt.analysis.report import loo_metrics
 
 
 def idata_of(latent: np.ndarray, probs: np.ndarray, labels: np.ndarray):
-    return to_inference_data({"r": latent}, probs.argmax(-1), probs, labels, ["a", "b", "c"])
+    return to_inference_data({"r": latent}, probs.argmax(-1), probs, labels, ["a", "b", "c"],
+                             held_out=False)
 
 
 def test_forest_plot_shows_the_dimensions_of_smallest_posterior_sd(tmp_path, monkeypatch):
@@ -34,9 +35,9 @@ def test_loo_warns_when_pareto_k_is_large():
     labels = rng.integers(0, 3, N)
     logits = 0.01 * rng.normal(size=(S, N, 3))                 # the draws nearly agree
     steady = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    quiet = loo_metrics(idata_of(rng.normal(size=(S, 2)), steady, labels), "base")
+    quiet = loo_metrics(idata_of(rng.normal(size=(S, 2)), steady, labels), "train")
     assert quiet["pareto_k_above_0.7"] == 0
     wild = rng.dirichlet(np.full(3, 0.05), size=(S, N))        # draws disagree wildly
-    with pytest.warns(UserWarning, match=r"LOO on 'new' is unreliable: \d+ of 30 images"):
-        metrics = loo_metrics(idata_of(rng.normal(size=(S, 2)), wild, labels), "new")
+    with pytest.warns(UserWarning, match=r"LOO on 'train' is unreliable: \d+ of 30 images"):
+        metrics = loo_metrics(idata_of(rng.normal(size=(S, 2)), wild, labels), "train")
     assert metrics["pareto_k_above_0.7"] > 0

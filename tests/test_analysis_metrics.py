@@ -178,32 +178,44 @@ def test_imagenet_templates():
 # --- ArviZ adapter -------------------------------------------------------------------------
 
 
-def test_inference_data_round_trips_through_netcdf(tmp_path):
+@pytest.mark.parametrize("held_out", [False, True])
+def test_inference_data_round_trips_through_netcdf(tmp_path, held_out):
+    """Conditioned data: posterior_predictive, log_likelihood, observed_data; held-out images:
+    predictions (with the log density) and predictions_constant_data (issue 17)."""
     rng = np.random.default_rng(4)
     S, N, C, W = 6, 5, 3, 4
     probs = rng.dirichlet(np.ones(C), size=(S, N))
+    labels = rng.integers(0, C, size=N)
     idata = to_inference_data(
         latents={"r": rng.normal(size=(S, N, W)), "ctx": torch.zeros(S, 2, W)},
         predicted_labels=probs.argmax(-1),
         probs=probs,
-        labels=rng.integers(0, C, size=N),
+        labels=labels,
         classnames=["cat", "dog", "bird"],
         split=["base", "base", "new", "new", "sketch"],
         dims={"r": ["image", "ctx_dim"]},
+        held_out=held_out,
     )
     path = tmp_path / "sub" / "idata.nc"
     save_inference_data(idata, path)
     assert [p.name for p in path.parent.iterdir()] == ["idata.nc"]  # no temp file left
     back = load_inference_data(path)
 
-    assert all(g in back for g in ("posterior", "posterior_predictive", "log_likelihood",
-                                   "observed_data"))
-    np.testing.assert_array_equal(back.log_likelihood["y"].values, idata.log_likelihood["y"].values)
+    predictive, log_density, observed = (
+        ("predictions", ("predictions", "log_density"), "predictions_constant_data")
+        if held_out else
+        ("posterior_predictive", ("log_likelihood", "y"), "observed_data"))
+    assert set(back.groups()) == {"posterior", predictive, log_density[0], observed}
+    group, name = log_density
+    np.testing.assert_array_equal(back[group][name].values, idata[group][name].values)
+    np.testing.assert_allclose(back[group][name].values[0],
+                               np.log(probs[:, np.arange(N), labels]))
     assert back.posterior["r"].dims == ("chain", "draw", "image", "ctx_dim")
     assert back.posterior["ctx"].dims == ("chain", "draw", "ctx_dim_0", "ctx_dim_1")
-    assert back.posterior_predictive["probs"].dims == ("chain", "draw", "image", "class")
-    assert back.posterior_predictive["y"].dims == ("chain", "draw", "image")
-    assert back.observed_data["y"].dims == ("image",)
-    assert back.posterior_predictive["class"].values.tolist() == ["cat", "dog", "bird"]
-    assert back.observed_data["split"].values.tolist() == ["base", "base", "new", "new", "sketch"]
-    np.testing.assert_allclose(back.posterior_predictive["probs"].values[0], probs)
+    assert back[predictive]["probs"].dims == ("chain", "draw", "image", "class")
+    assert back[predictive]["y"].dims == ("chain", "draw", "image")
+    assert back[observed]["y"].dims == ("image",)
+    np.testing.assert_array_equal(back[observed]["y"].values, labels)
+    assert back[predictive]["class"].values.tolist() == ["cat", "dog", "bird"]
+    assert back[observed]["split"].values.tolist() == ["base", "base", "new", "new", "sketch"]
+    np.testing.assert_allclose(back[predictive]["probs"].values[0], probs)

@@ -14,18 +14,22 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from bayesprompt.analysis.inference_data import load_inference_data
+from bayesprompt.analysis.inference_data import held_out_elpd, load_inference_data
 from bayesprompt.analysis.posterior import batch_samples, posterior_samples
+from bayesprompt.analysis.report import write_analysis
 from conftest import TINY_BACKBONE
 
+from bayesprompt.api import Run
 from bayesprompt.commands import analyze
+from bayesprompt.errors import UserError
 from bayesprompt.inference.predictive import batch_bounds, replay_model
 from bayesprompt.runs.config import RunConfig
 from bayesprompt.runs.train import train_and_evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 
-SPLIT_KEYS = {"n", "accuracy", "ece", "nll", "brier", "mean_uncertainty", "aurc", "coverage"}
+SPLIT_KEYS = {"n", "accuracy", "ece", "nll", "brier", "mean_uncertainty", "aurc", "coverage",
+              "elpd_test"}
 COVERAGE_KEYS = {"prompt_spread", "total_variance", "template_distance",
                  "nearest_template_distance", "template_fraction_in_credible_region"}
 
@@ -56,40 +60,106 @@ def test_inference_data_groups_dims_and_coords(analyzed: dict[str, Path]) -> Non
     folder = analyzed["vpt_cond"]
     for split in ("base", "new", "eurosat"):
         idata = load_inference_data(folder / f"posterior_{split}.nc")
-        assert {"posterior", "posterior_predictive", "observed_data"} <= set(idata.groups())
+        assert set(idata.groups()) == {"posterior", "predictions", "predictions_constant_data"}
         r = idata.posterior["r"]
-        n_images = idata.observed_data["y"].sizes["image"]
+        n_images = idata.predictions_constant_data["y"].sizes["image"]
         assert r.dims == ("chain", "draw", "image", "r_dim_0")
         assert r.shape[:3] == (1, 6, n_images)
-        probs = idata.posterior_predictive["probs"]
+        probs = idata.predictions["probs"]
         assert probs.dims == ("chain", "draw", "image", "class")
         assert probs.sizes["class"] == 5
         assert set(probs["split"].values) == {split}
-        assert idata.posterior_predictive["y"].shape == (1, 6, n_images)
+        assert idata.predictions["y"].shape == (1, 6, n_images)
         xr.testing.assert_allclose(probs.sum("class"), xr.ones_like(probs.sum("class")),
                                    atol=1e-5)
-    base = load_inference_data(folder / "posterior_base.nc").posterior_predictive["class"]
-    new = load_inference_data(folder / "posterior_new.nc").posterior_predictive["class"]
+    base = load_inference_data(folder / "posterior_base.nc").predictions["class"]
+    new = load_inference_data(folder / "posterior_new.nc").predictions["class"]
     assert not set(base.values) & set(new.values)
 
 
-def test_runs_compare_with_loo(analyzed: dict[str, Path]) -> None:
-    """The log_likelihood group of analyze.py's files: log p_s(y_i | x_i), found by az.loo."""
-    runs = {model: load_inference_data(folder / "posterior_new.nc")
+@pytest.mark.parametrize("model", ["vpt_cond", "coop"])
+def test_train_file_holds_the_training_labels_and_their_log_likelihood(
+        analyzed: dict[str, Path], model: str) -> None:
+    """posterior_train.nc: the data the posterior was conditioned on, log p_s(y_i | x_i) of
+    the training labels under the same draws as `Run.predict` (same S and seed)."""
+    idata = load_inference_data(analyzed[model] / "posterior_train.nc")
+    assert set(idata.groups()) == {"posterior", "posterior_predictive", "log_likelihood",
+                                   "observed_data"}
+    run = Run.load(analyzed[model].parent, "cpu")
+    features, labels = run.train_features()
+    assert labels.tolist() == [item.label for item in run.base.train]
+    np.testing.assert_array_equal(idata.observed_data["y"].values, labels.numpy())
+    assert set(idata.observed_data["split"].values) == {"train"}
+    probs = (run.predict(features, 6) if run.program.stochastic else run.predict(features)
+             ).double().numpy()                          # (S, N, C); S = 1 for coop
+    expected = np.log(probs[:, np.arange(len(labels)), labels.numpy()])
+    log_likelihood = idata.log_likelihood["y"].values[0]   # (6, N)
+    np.testing.assert_allclose(log_likelihood, np.broadcast_to(expected, log_likelihood.shape),
+                               rtol=1e-5, atol=1e-6)
+    if model == "vpt_cond":  # the amortized guide's draws for each training image
+        assert idata.posterior["r"].dims[:3] == ("chain", "draw", "image")
+        assert idata.posterior["r"].sizes["image"] == len(labels)
+
+
+def test_test_files_hold_predictions_and_no_log_likelihood(analyzed: dict[str, Path]) -> None:
+    """Test labels were never conditioned on: az.loo refuses the file; elpd_test = -N * nll."""
+    for model, folder in analyzed.items():
+        metrics = json.loads((folder / "metrics.json").read_text())
+        for split, values in metrics["splits"].items():
+            idata = load_inference_data(folder / f"posterior_{split}.nc")
+            assert "log_likelihood" not in idata.groups() and "observed_data" not in idata.groups()
+            with pytest.raises(TypeError, match="log likelihood not found"):
+                az.loo(idata)
+            probs = idata.predictions["probs"].values[0]
+            labels = idata.predictions_constant_data["y"].values
+            np.testing.assert_allclose(idata.predictions["log_density"].values[0],
+                                       np.log(probs[:, np.arange(len(labels)), labels]),
+                                       rtol=1e-6)
+            assert values["elpd_test"] == pytest.approx(held_out_elpd(idata), rel=1e-9)
+            assert values["elpd_test"] == pytest.approx(-values["n"] * values["nll"], rel=1e-6)
+            assert "loo" not in values, (model, split)
+
+
+def test_runs_compare_with_loo_on_the_training_data(analyzed: dict[str, Path]) -> None:
+    """metrics.json's loo is az.loo of posterior_train.nc; az.compare ranks the train files of
+    runs trained on the same data; a point-estimate model's loo is its log-likelihood."""
+    runs = {model: load_inference_data(folder / "posterior_train.nc")
             for model, folder in analyzed.items()}
-    for idata in runs.values():
-        probs = idata.posterior_predictive["probs"].values
-        labels = idata.observed_data["y"].values
-        true_probs = probs[:, :, np.arange(len(labels)), labels]
-        np.testing.assert_allclose(idata.log_likelihood["y"].values, np.log(true_probs),
-                                   rtol=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pareto k of 6 draws, and coop's equal weights
         table = az.compare(runs)
-        coop = az.loo(runs["coop"])
+        loo = {model: az.loo(idata) for model, idata in runs.items()}
     assert set(table.index) == {"vpt_cond", "coop"}
+    vpt_cond = json.loads((analyzed["vpt_cond"] / "metrics.json").read_text())["loo"]
+    assert set(vpt_cond) == {"train"}
+    assert vpt_cond["train"]["elpd_loo"] == pytest.approx(float(loo["vpt_cond"].elpd_loo))
+    assert vpt_cond["train"]["p_loo"] == pytest.approx(float(loo["vpt_cond"].p_loo))
+    assert json.loads((analyzed["coop"] / "metrics.json").read_text())["loo"] == {}
     coop_log_likelihood = runs["coop"].log_likelihood["y"].isel(chain=0, draw=0).sum()
-    assert float(coop.elpd_loo) == pytest.approx(float(coop_log_likelihood), rel=1e-6)
+    assert float(loo["coop"].elpd_loo) == pytest.approx(float(coop_log_likelihood), rel=1e-6)
+    assert float(loo["coop"].p_loo) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_loo_warns_when_the_training_data_pareto_k_is_large(analyzed: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """6 draws are too few for PSIS (docs/ANALYSIS.md): the analysis says so, for 'train'."""
+    posterior = posterior_samples(analyzed["vpt_cond"].parent, 6, splits=("base",))
+    with pytest.warns(UserWarning, match=r"LOO on 'train' is unreliable: \d+ of \d+ images"):
+        metrics = write_analysis(posterior, tmp_path)
+    assert set(metrics["loo"]) == {"train"}
+    assert metrics["loo"]["train"]["pareto_k_above_0.7"] > 0
+
+
+def test_zeroshot_has_no_train_file_and_no_loo(eurosat_root: Path, tmp_path: Path) -> None:
+    run = train_run("zeroshot", eurosat_root, tmp_path)
+    analyze.main([str(run), "--num-samples", "2", "--device", "cpu"])
+    metrics = json.loads((run / "analysis/metrics.json").read_text())
+    assert metrics["loo"] == {}
+    assert not (run / "analysis/posterior_train.nc").exists()
+    assert metrics["splits"]["base"]["elpd_test"] == pytest.approx(
+        -metrics["splits"]["base"]["n"] * metrics["splits"]["base"]["nll"], rel=1e-6)
+    with pytest.raises(UserError, match="no 'train' split"):
+        Run.load(run, "cpu").to_inference_data("train")
 
 
 def test_metrics_and_figures(analyzed: dict[str, Path]) -> None:
@@ -102,6 +172,8 @@ def test_metrics_and_figures(analyzed: dict[str, Path]) -> None:
         assert 0 <= values["coverage"]["template_fraction_in_credible_region"] <= 1
         assert set(values["aurc"]) == {"total", "aleatoric", "epistemic"}
     assert set(metrics["auroc"]) == {"new_vs_base", "eurosat_vs_base"}
+    assert {f"posterior_{split}.nc" for split in ("base", "new", "eurosat", "train")} <= set(
+        metrics["files"])
     for name in metrics["files"]:
         assert (analyzed["vpt_cond"] / name).is_file(), name
     pngs = {p.name for p in analyzed["vpt_cond"].glob("*.png")}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -107,8 +108,14 @@ def test_posterior_samples_have_the_documented_shapes(runs) -> None:
 def test_to_inference_data_has_the_split_and_its_samples(runs) -> None:
     idata = runs["vpt"].to_inference_data("new", num_samples=4)
     assert idata.posterior.sizes["draw"] == 4
-    assert list(idata.posterior_predictive["class"].values) == runs["vpt"].new.classnames
+    assert list(idata.predictions["class"].values) == runs["vpt"].new.classnames
     assert runs["vpt"].classnames == runs["vpt"].base.classnames  # classes are put back
+    train = runs["vpt"].to_inference_data("train", num_samples=4)
+    np.testing.assert_array_equal(train.posterior["r"].values[0],  # global draws: any split
+                                  idata.posterior["r"].values[0])
+    assert train.observed_data["y"].values.tolist() == [
+        item.label for item in runs["vpt"].base.train]
+    assert train.log_likelihood["y"].shape == (1, 4, len(runs["vpt"].base.train))
 
 
 def test_image_features_of_files_equal_the_cached_test_features(runs) -> None:

@@ -1,4 +1,5 @@
-"""Ecosystem details of issue 11: the log_likelihood group for az.loo / az.compare, the image
+"""Ecosystem details of issue 11: the log_likelihood group for az.loo / az.compare (on the
+conditioned data; held-out predictions apart, issue 17), the image
 transform from open_clip's preprocess config, hf-hub: backbones, and feature extraction with a
 DataLoader."""
 
@@ -15,6 +16,7 @@ import open_clip
 import pytest
 import torch
 from bayesprompt.analysis.inference_data import (
+    held_out_elpd,
     load_inference_data,
     save_inference_data,
     to_inference_data,
@@ -42,6 +44,7 @@ from bayesprompt.data.features import (
     load_image,
 )
 from bayesprompt.errors import UserError
+from bayesprompt.metrics import negative_log_likelihood
 from bayesprompt.runs.config import EXECUTION_OPTIONS
 
 CLASSNAMES = ["cat", "dog", "bird", "fish"]
@@ -59,9 +62,10 @@ def sampled_probs(rng: np.random.Generator, labels: np.ndarray, signal: float,
     return probs / probs.sum(-1, keepdims=True)
 
 
-def build(probs: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+def build(probs: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+          held_out: bool = False):
     return to_inference_data({"ctx": rng.normal(size=(len(probs), 2, 3))}, probs.argmax(-1),
-                             probs, labels, CLASSNAMES)
+                             probs, labels, CLASSNAMES, held_out=held_out)
 
 
 def test_log_likelihood_is_the_log_probability_of_the_true_label() -> None:
@@ -79,6 +83,30 @@ def test_log_likelihood_is_the_log_probability_of_the_true_label() -> None:
     np.testing.assert_array_equal(log_lik.values[0, 1:, 0], expected[1:, 0])
     assert log_lik.values[0, 0, 0] == pytest.approx(np.log(1e-12))
     assert set(idata.log_likelihood.data_vars) == set(idata.observed_data.data_vars)
+
+
+def test_held_out_labels_are_predictions_not_log_likelihood(tmp_path) -> None:
+    """Test labels were never conditioned on: no log_likelihood for az.loo to misread; the
+    per-draw log density sits in `predictions`, and its score is sum_i log mean_s p_s(y_i)."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, size=30)
+    probs = sampled_probs(rng, labels, 1.5, num_samples=8, spread=1.0)
+    save_inference_data(build(probs, labels, rng, held_out=True), tmp_path / "test.nc")
+    idata = load_inference_data(tmp_path / "test.nc")
+
+    assert set(idata.groups()) == {"posterior", "predictions", "predictions_constant_data"}
+    with pytest.raises(TypeError, match="log likelihood not found"):
+        az.loo(idata)
+    np.testing.assert_array_equal(idata.predictions_constant_data["y"].values, labels)
+    np.testing.assert_allclose(idata.predictions["probs"].values[0], probs)
+    np.testing.assert_array_equal(idata.predictions["y"].values[0], probs.argmax(-1))
+    log_density = idata.predictions["log_density"]
+    assert log_density.dims == ("chain", "draw", "image")
+    np.testing.assert_allclose(log_density.values[0], np.log(probs[:, np.arange(30), labels]))
+    elpd = np.log(probs[:, np.arange(30), labels].mean(0)).sum()
+    assert held_out_elpd(idata) == pytest.approx(elpd, rel=1e-9)
+    assert held_out_elpd(idata) == pytest.approx(
+        -30 * negative_log_likelihood(probs.mean(0), labels), rel=1e-9)
 
 
 def test_loo_and_compare_rank_the_better_model_first(tmp_path) -> None:
@@ -105,7 +133,7 @@ def test_loo_and_compare_rank_the_better_model_first(tmp_path) -> None:
     assert table.loc["good", "elpd_loo"] > table.loc["poor", "elpd_loo"] + 10
 
 
-def test_loo_of_a_point_estimate_is_the_test_log_likelihood() -> None:
+def test_loo_of_a_point_estimate_is_the_log_likelihood() -> None:
     """Point-estimate models repeat one draw: equal weights, p_loo = 0."""
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 4, size=25)
@@ -114,8 +142,8 @@ def test_loo_of_a_point_estimate_is_the_test_log_likelihood() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ warns about Pareto k of constant weights
         loo = az.loo(idata)
-    test_log_likelihood = np.log(probs[0, np.arange(25), labels]).sum()
-    assert float(loo.elpd_loo) == pytest.approx(test_log_likelihood, rel=1e-9)
+    log_likelihood = np.log(probs[0, np.arange(25), labels]).sum()
+    assert float(loo.elpd_loo) == pytest.approx(log_likelihood, rel=1e-9)
     assert float(loo.p_loo) == pytest.approx(0.0, abs=1e-9)
     bayesian = build(sampled_probs(rng, labels, 4.0, num_samples=3), labels, rng)
     with warnings.catch_warnings():
@@ -127,7 +155,8 @@ def test_loo_of_a_point_estimate_is_the_test_log_likelihood() -> None:
 def test_labels_outside_the_classes_are_refused() -> None:
     probs = np.full((2, 3, 4), 0.25)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
-        to_inference_data({}, probs.argmax(-1), probs, np.array([0, 1, 4]), CLASSNAMES)
+        to_inference_data({}, probs.argmax(-1), probs, np.array([0, 1, 4]), CLASSNAMES,
+                          held_out=True)
 
 
 # --- the image transform from open_clip's preprocess config ------------------------------

@@ -63,7 +63,7 @@ def small_inference_data(n_images: int = 4):
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(3), size=(2, n_images))
     return to_inference_data({"ctx": rng.normal(size=(2, 2, 4))}, probs.argmax(-1), probs,
-                             np.arange(n_images) % 3, ["a", "b", "c"])
+                             np.arange(n_images) % 3, ["a", "b", "c"], held_out=False)
 
 
 # --- the atomic writer ---------------------------------------------------------------------

@@ -3,8 +3,9 @@
     python experiments/analyze.py runs/miniworld/vpt_cond/base_shots16_seed1 --num-samples 50 \
         --domains miniworld_sketch
 
-Writes posterior_<split>.nc (ArviZ InferenceData), metrics.json and PNG figures; see
-docs/ANALYSIS.md for what they mean.
+Writes posterior_<split>.nc (ArviZ InferenceData of each test split, and of the training
+images: posterior_train.nc, for az.loo), metrics.json and PNG figures; see docs/ANALYSIS.md for
+what they mean.
 
 Several runs side by side (run folders, or ensemble folders of benchmark.py --ensemble):
 

@@ -1,5 +1,6 @@
-"""A run's evaluation: the posterior predictive on each test split, its accuracy and the
-new-class metrics of results.json (ECE, NLL, MI AUROC), and the summary line."""
+"""A run's evaluation: the image features of its test (and training) images, the posterior
+predictive on each test split, its accuracy and the new-class metrics of results.json (ECE,
+NLL, MI AUROC), and the summary line."""
 
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ def test_features(clip: FrozenCLIP, dataset: Dataset, config: RunConfig
     cache = Path(config.cache_dir).expanduser() / "features"
     features = cached_features(clip, dataset.test, [0], cache, workers=config.loader_workers)[0]
     return features.to(clip.device), torch.tensor([item.label for item in dataset.test])
+
+
+def train_features(clip: FrozenCLIP, dataset: Dataset, config: RunConfig
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image features (N, D) of a dataset's (few-shot) training images, un-augmented (view 0,
+    from the run's feature cache), on the CLIP's device, and their labels (N,)."""
+    cache = Path(config.cache_dir).expanduser() / "features"
+    features = cached_features(clip, dataset.train, [0], cache, config.seed,
+                               config.crop_min_scale, config.loader_workers)[0]
+    return features.to(clip.device), torch.tensor([item.label for item in dataset.train])
 
 
 def evaluate(program: PromptModel, clip: FrozenCLIP, dataset: Dataset, config: RunConfig,

@@ -24,7 +24,7 @@ from bayesprompt.inference.training_log import read_rows
 from bayesprompt.program.base import PromptModel
 from bayesprompt.runs import checks as api_checks
 from bayesprompt.runs.config import RunConfig
-from bayesprompt.runs.evaluate import test_features
+from bayesprompt.runs.evaluate import test_features, train_features
 from bayesprompt.runs.folder import load_run
 
 if TYPE_CHECKING:
@@ -105,6 +105,11 @@ class LoadedRun:
     def test_features(self, split: str = "base") -> tuple[torch.Tensor, torch.Tensor]:
         """Image features (N, D) and labels (N,) of a split's test images (cached on disk)."""
         return test_features(self.clip, self.dataset(split), self.config)
+
+    def train_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image features (N, D) and labels (N,) of the training images, un-augmented (view 0):
+        the images the posterior was conditioned on (cached on disk)."""
+        return train_features(self.clip, self.base, self.config)
 
     @torch.no_grad()
     def image_features(self, images: Sequence[str | Path | Image.Image],
