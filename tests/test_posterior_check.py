@@ -16,6 +16,7 @@ from bayesprompt.inference.gold_standard import (
     DiagonalGaussian,
     compare,
     fit_elbo,
+    gaussian_elbos,
     gaussian_kl,
     guide_gaussian,
     image_posteriors,
@@ -166,6 +167,27 @@ def test_a_kl_weight_tempers_the_likelihood_not_the_prior() -> None:
     assert torch.allclose(elbo.float(), log_z, atol=1e-4)
 
 
+def test_the_elbo_of_the_exact_global_posterior_is_the_evidence() -> None:
+    """One global r, one view: the posterior is N(sigma^2 x.y / s^2, sigma^2) with
+    sigma^-2 = 1 + |x|^2 / s^2, its ELBO is log N(y; 0, s^2 I + x x^T) with every draw, and
+    a shifted Gaussian's ELBO is lower by its KL to the posterior."""
+    features, labels = linear_data(views=1, n=6, dim=1, seed=4)
+    x = features[0, :, 0]
+    variance = 1 / (1 + (x**2).sum() / NOISE**2)
+    exact = DiagonalGaussian((variance * (x * labels).sum() / NOISE**2).reshape(1).double(),
+                             variance.sqrt().reshape(1).double())
+    shifted = DiagonalGaussian(exact.mean + exact.sd, exact.sd)
+    evidence = dist.MultivariateNormal(torch.zeros(6), NOISE**2 * torch.eye(6)
+                                       + torch.outer(x, x)).log_prob(labels)
+    program = LinearGaussian(1, False, torch.zeros(1), torch.ones(1))
+    elbos = gaussian_elbos(program, features, labels,
+                           {"exact": {"r": exact}, "shifted": {"r": shifted}}, num_draws=100)
+    assert elbos["exact"][0] == pytest.approx(float(evidence), abs=1e-4)
+    assert elbos["exact"][1] < 1e-4
+    # KL(shifted || exact) = 1/2 (one sd); 100 draws estimate it to a few hundredths
+    assert elbos["exact"][0] - elbos["shifted"][0] == pytest.approx(0.5, abs=0.1)
+
+
 @pytest.fixture(scope="module")
 def ignores_r(tiny_clip):
     model_class = load_model_class(str(TESTS / "models" / "ignores_r.py"))
@@ -214,3 +236,27 @@ def test_point_estimates_are_refused(tiny_clip) -> None:
     program = load_model_class("coop")(tiny_clip, ["cat", "dog"], PromptConfig())
     with pytest.raises(UserError, match="no random latent"):
         checked_sites(program, torch.zeros(2, tiny_clip.feature_dim))
+
+
+def test_a_learned_residual_scale_is_a_positive_parameter_the_elbo_moves(tiny_clip) -> None:
+    """--learn-residual-scale: s is the parameter "residual_scale", starting at the given
+    scale, and the ELBO's gradient reaches it (empirical Bayes)."""
+    from bayesprompt.inference.objectives import make_objective
+
+    program = load_model_class("vpt")(tiny_clip, ["cat", "dog"], PromptConfig(
+        residual_scale=0.5, learn_residual_scale=True))
+    features = torch.nn.functional.normalize(torch.randn(4, tiny_clip.feature_dim), dim=-1)
+    with program.param_scope():
+        pyro.clear_param_store()
+        loss = make_objective(program, "elbo", 3, "Trace_ELBO")(features, torch.tensor(
+            [0, 1, 0, 1]), 4)
+        store = pyro.get_param_store()
+        assert float(store["residual_scale"]) == pytest.approx(0.5)
+        loss.backward()
+        gradient = store.get_param("residual_scale").unconstrained().grad
+        assert gradient is not None and torch.isfinite(gradient) and gradient != 0
+    fixed = load_model_class("vpt")(tiny_clip, ["cat"], PromptConfig(residual_scale=0.5))
+    with fixed.param_scope():
+        pyro.clear_param_store()
+        fixed.model(features[:1])
+        assert "residual_scale" not in pyro.get_param_store()

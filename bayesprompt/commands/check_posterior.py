@@ -13,10 +13,49 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from bayesprompt.api import Run
 from bayesprompt.commands.cli import run_main
-from bayesprompt.runs.posterior_check import CheckOptions, summary_lines
+from bayesprompt.runs.posterior_check import CheckOptions
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The console summary of a check."""
+    lines = [f"posterior check of {result['run_dir']} ({result['model']}, residual scale "
+             f"{result['residual_scale']}, {result['seconds']:.0f} s)"]
+    if result["nuts"]:
+        n = result["nuts"]
+        lines.append(f"NUTS: {n['chains']} chains x ({n['warmup']} + {n['samples']}), r_hat max "
+                     f"{n['rhat_max']:.3f}, ESS bulk/tail min {n['ess_bulk_min']:.0f}/"
+                     f"{n['ess_tail_min']:.0f}: "
+                     f"{'converged' if n['converged'] else 'NOT CONVERGED'}")
+        lines.append(f"ELBO of the global sites (nats, same draws): guide {n['elbo_guide']:.2f}, "
+                     f"diagonal fit of NUTS {n['elbo_gold_fit']:.2f} (standard error "
+                     f"{n['elbo_standard_error']:.2f}); the higher is the closer to the "
+                     "posterior in KL")
+    for site, r in result["sites"].items():
+        sd = r["sd_ratio"]
+        lines.append(f"site {site} ({r['method']}): contraction (gold sd / prior sd) median "
+                     f"{r['contraction']['median']:.3f}; KL(guide || gold) "
+                     f"{r['kl_guide_gold']:.2f} nats; sd ratio {sd['median']:.2f} "
+                     f"[{sd['p5']:.2f}, {sd['p95']:.2f}]; mean error {r['mean_error']['rms']:.2f}"
+                     f" gold sd; KL(gold || prior) {r['kl_gold_prior']:.2f}; k-hat "
+                     f"{r['khat']:.2f}")
+        if "amortization_gap" in r:
+            lines.append(f"  {r['images']} images: log p(y|x) {r['log_evidence']:.3f}, ELBO "
+                         f"guide {r['elbo_guide']:.3f}, gold fit {r['elbo_gold_fit']:.3f}; "
+                         f"inference gap {r['inference_gap']:.3f}, amortization gap "
+                         f"{r['amortization_gap']:.3f} nats per image")
+    lines.append("predictive     base    new     NLL    ECE    MI AUROC")
+    for source, m in result["predictive"].items():
+        cells = [("n/a" if m.get(key) is None else f"{m[key]:.{digits}f}").rjust(6)
+                 for key, digits in (("base", 2), ("new", 2), ("nll", 3), ("ece", 3),
+                                     ("mi_auroc", 3))]
+        lines.append(f"  {source:<10} {' '.join(cells)}")
+    lines += [f"note: {note}" for note in result["notes"]]
+    lines += [f"WARNING: {warning}" for warning in result["warnings"]]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuide
 from torch import nn
 
@@ -47,6 +48,7 @@ class PromptConfig:
     residual_scale: float = 1.0
     template: str = "a photo of a {}."
     options: dict = field(default_factory=dict)
+    learn_residual_scale: bool = False
 
 
 #: The optimisers an `OptimizerGroup` may name.
@@ -231,8 +233,14 @@ class PromptModel(nn.Module):
 
         `residual_scale` s puts r ~ N(0, I) on the scale of token embeddings (s = 1 in the
         reference implementation; CLIP's token embeddings have a standard deviation near 0.02).
+        With `learn_residual_scale`, s is the positive parameter "residual_scale" (starting
+        there), which the ELBO sets (empirical Bayes: type-II maximum likelihood).
         """
-        return self.config.residual_scale * r.unsqueeze(-2)
+        scale = self.config.residual_scale
+        if self.config.learn_residual_scale:
+            scale = pyro.param("residual_scale", torch.tensor(float(scale), device=r.device),
+                               constraint=constraints.positive)
+        return scale * r.unsqueeze(-2)
 
     def text_features(self, context: torch.Tensor) -> torch.Tensor:
         """Context (..., n_ctx, W) -> unit-norm class text features (..., C, D).

@@ -130,6 +130,9 @@ class RunConfig:
     residual_scale: float | None = option(
         None, "residual = s * r, r ~ N(0, I), in vpt models (default: the dataset's, 0.02, a "
         "token embedding's scale; the reference: 1 with --objective paper)")
+    learn_residual_scale: bool = option(
+        False, "empirical Bayes: learn the residual scale s, starting at --residual-scale, as "
+        "a parameter that maximises the ELBO (type-II maximum likelihood)")
     options: dict = option(help="a model file's own option (repeatable)", factory=dict)
     device: str = option("cpu", "cpu or cuda[:N] (the scripts' default: cuda when present)")
     precision: str = option("fp32", "autocast precision: fp16 or bf16 on CUDA, bf16 on CPUs "
@@ -240,6 +243,8 @@ def check_numbers(config: RunConfig) -> None:
         ("--residual-scale", config.residual_scale,
          finite(config.residual_scale) and config.residual_scale >= 0,
          "a finite number, 0 (no residual) or more"),
+        ("--residual-scale (the start of --learn-residual-scale)", config.residual_scale,
+         not config.learn_residual_scale or config.residual_scale > 0, "positive"),
         ("--subsample", config.subsample, config.subsample in SUBSAMPLES,
          f"one of {', '.join(SUBSAMPLES)}"),
     ]

@@ -60,5 +60,5 @@ def build_program(config: RunConfig, clip: FrozenCLIP, classnames: list[str],
                   template: str) -> PromptModel:
     prompt_config = PromptConfig(config.n_ctx, config.ctx_init, config.kl_weight,
                                  config.prior_scale, config.residual_scale, template,
-                                 dict(config.options))
+                                 dict(config.options), config.learn_residual_scale)
     return load_model_class(config.model)(clip, classnames, prompt_config).to(clip.device)

@@ -33,6 +33,7 @@ from bayesprompt.inference.gold_standard import (
     checked_sites,
     compare,
     fit_elbo,
+    gaussian_elbos,
     gaussian_kl,
     global_khat,
     guide_gaussian,
@@ -205,16 +206,23 @@ def check_global(run: Run, features: torch.Tensor, labels: torch.Tensor,
                     options.seed, progress)
     khat = global_khat(program, features, labels, options.khat_draws, options.seed)
     size = features.shape[1]
+    guides = {site: guide_gaussian(program, features[0, :2], labels[:2], size, site)
+              for site in sites}
+    elbos = gaussian_elbos(program, features, labels, {
+        "guide": guides, "gold_fit": {site: nuts.fit(site) for site in sites}},
+        options.khat_draws, options.seed)
     reports = {}
     for site in sites:
-        guide = guide_gaussian(program, features[0, :2], labels[:2], size, site)
+        guide = guides[site]
         report = compare(guide, nuts.fit(site), prior_gaussian(program, features[0, :2], site))
         chain_fits = [DiagonalGaussian(c.double().mean(0), c.double().std(0))
                       for c in nuts.samples[site]]
         report.update(method="nuts", khat=khat,
                       kl_between_chains=float(gaussian_kl(chain_fits[0], chain_fits[1])))
         reports[site] = report
-    diagnostics = {"rhat_max": nuts.rhat_max, "ess_bulk_min": nuts.ess_bulk_min,
+    diagnostics = {"elbo_guide": elbos["guide"][0], "elbo_gold_fit": elbos["gold_fit"][0],
+                   "elbo_standard_error": max(elbos["guide"][1], elbos["gold_fit"][1]),
+                   "rhat_max": nuts.rhat_max, "ess_bulk_min": nuts.ess_bulk_min,
                    "ess_tail_min": nuts.ess_tail_min, "converged": nuts.converged,
                    "chains": options.chains, "warmup": options.warmup,
                    "samples": options.samples, "seconds": round(nuts.seconds, 1)}
@@ -383,40 +391,6 @@ def check_warnings(reports: dict, diagnostics: dict, per_image: tuple[str, ...])
             warnings.append(f"'{site}': the guide is not a usable importance proposal for the "
                             f"posterior (Pareto k-hat {report['khat']:.2f} > {KHAT_LIMIT}).")
     return warnings
-
-
-def summary_lines(result: dict[str, Any]) -> list[str]:
-    """The console summary of a check."""
-    lines = [f"posterior check of {result['run_dir']} ({result['model']}, residual scale "
-             f"{result['residual_scale']}, {result['seconds']:.0f} s)"]
-    if result["nuts"]:
-        n = result["nuts"]
-        lines.append(f"NUTS: {n['chains']} chains x ({n['warmup']} + {n['samples']}), r_hat max "
-                     f"{n['rhat_max']:.3f}, ESS bulk/tail min {n['ess_bulk_min']:.0f}/"
-                     f"{n['ess_tail_min']:.0f}: "
-                     f"{'converged' if n['converged'] else 'NOT CONVERGED'}")
-    for site, r in result["sites"].items():
-        sd = r["sd_ratio"]
-        lines.append(f"site {site} ({r['method']}): contraction (gold sd / prior sd) median "
-                     f"{r['contraction']['median']:.3f}; KL(guide || gold) "
-                     f"{r['kl_guide_gold']:.2f} nats; sd ratio {sd['median']:.2f} "
-                     f"[{sd['p5']:.2f}, {sd['p95']:.2f}]; mean error {r['mean_error']['rms']:.2f}"
-                     f" gold sd; KL(gold || prior) {r['kl_gold_prior']:.2f}; k-hat "
-                     f"{r['khat']:.2f}")
-        if "amortization_gap" in r:
-            lines.append(f"  {r['images']} images: log p(y|x) {r['log_evidence']:.3f}, ELBO "
-                         f"guide {r['elbo_guide']:.3f}, gold fit {r['elbo_gold_fit']:.3f}; "
-                         f"inference gap {r['inference_gap']:.3f}, amortization gap "
-                         f"{r['amortization_gap']:.3f} nats per image")
-    lines.append("predictive     base    new     NLL    ECE    MI AUROC")
-    for source, m in result["predictive"].items():
-        cells = [("n/a" if m.get(key) is None else f"{m[key]:.{digits}f}").rjust(6)
-                 for key, digits in (("base", 2), ("new", 2), ("nll", 3), ("ece", 3),
-                                     ("mi_auroc", 3))]
-        lines.append(f"  {source:<10} {' '.join(cells)}")
-    lines += [f"note: {note}" for note in result["notes"]]
-    lines += [f"WARNING: {warning}" for warning in result["warnings"]]
-    return lines
 
 
 def guide_khat(run: Run, draws: int = 200, images: int = 16, seed: int = 0
