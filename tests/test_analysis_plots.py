@@ -17,7 +17,8 @@ def test_every_plot_writes_a_png(tmp_path):
     u = uncertainty_decomposition(probs)
     correct = probs.mean(0).argmax(-1) == labels
     idata = to_inference_data(
-        {"r": rng.normal(size=(S, N, W))}, probs.argmax(-1), probs, labels, names, split
+        {"r": rng.normal(size=(S, N, W))}, probs.argmax(-1), probs, labels, names, split,
+        held_out=True,
     )
     paths = {
         name: tmp_path / f"{name}.png"
