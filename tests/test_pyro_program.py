@@ -433,8 +433,8 @@ def test_predictive_reproduces_run_predict(model, run_args, tmp_path) -> None:
             predictive = Predictive(run.program.model, guide=run.program.guide, num_samples=4,
                                     parallel=parallel)
             probs = predictive(features)["probs"]                            # (S, N, C)
-        if parallel:
-            assert torch.equal(probs, expected.expand_as(probs))
+        if parallel:  # fp32's own rounding: 4 draws batched against run.predict's 1 (coop)
+            torch.testing.assert_close(probs, expected.expand_as(probs))
         elif model == "vpt_cond":  # vpt's guide draws its initial value at every call
             torch.testing.assert_close(probs, expected)
 
