@@ -315,10 +315,9 @@ def image_posteriors(program: object, features: torch.Tensor, labels: torch.Tens
             m = min(chunk, num_draws - start)
             with pyro.plate("particles", m, dim=-2):
                 trace = poutine.trace(program.model).get_trace(features, labels)
-            log_lik = sum(node["fn"].log_prob(node["value"]) for name, node in
-                          trace.nodes.items() if node["type"] == "sample"
-                          and node["is_observed"])
-            sums["log_lik"].append(log_lik.double() / weight)                    # (m, K)
+            log_lik = sum(tempered_log_prob(node, weight, ()) for node in trace.nodes.values()
+                          if node["type"] == "sample" and node["is_observed"])
+            sums["log_lik"].append(log_lik.double())                             # (m, K)
             sums["r"].append(trace.nodes[site]["value"].double())                 # (m, K, *e)
             bar.update(m)
         for start in range(0, num_draws, chunk):

@@ -208,13 +208,13 @@ def check_global(run: Run, features: torch.Tensor, labels: torch.Tensor,
     size = features.shape[1]
     guides = {site: guide_gaussian(program, features[0, :2], labels[:2], size, site)
               for site in sites}
-    elbos = gaussian_elbos(program, features, labels, {
-        "guide": guides, "gold_fit": {site: nuts.fit(site) for site in sites}},
-        options.khat_draws, options.seed)
+    golds = {site: nuts.fit(site) for site in sites}
+    elbos = gaussian_elbos(program, features, labels, {"guide": guides, "gold_fit": golds},
+                           options.khat_draws, options.seed)
     reports = {}
     for site in sites:
-        guide = guides[site]
-        report = compare(guide, nuts.fit(site), prior_gaussian(program, features[0, :2], site))
+        report = compare(guides[site], golds[site],
+                         prior_gaussian(program, features[0, :2], site))
         chain_fits = [DiagonalGaussian(c.double().mean(0), c.double().std(0))
                       for c in nuts.samples[site]]
         report.update(method="nuts", khat=khat,
